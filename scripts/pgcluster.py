@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Start and stop a throwaway PostgreSQL cluster from the machine's own server binaries.
+
+One implementation for the tests, `make demo` and `make bench`: a cluster in a folder of its own,
+listening on 127.0.0.1 only, on a free port, with scram-sha-256 password authentication.
+
+    scripts/pgcluster.py start DIR [--port N] [--password-file F]   # prints the port
+    scripts/pgcluster.py stop DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SUPERUSER = "postgres"
+
+
+def find_bindir() -> Path:
+    """Locate the directory holding initdb/pg_ctl (Debian keeps them out of PATH)."""
+    env = os.environ.get("PG_BINDIR")
+    if env:
+        return Path(env)
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4]))
+    if not candidates:
+        sys.exit("pgcluster: no PostgreSQL server binaries found; install them with: apt-get install -y postgresql")
+    return Path(candidates[-1]).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Cluster:
+    """A cluster in `root` (data in root/data, socket and log beside it)."""
+
+    def __init__(self, root: Path, port: int | None = None, password: str | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.data = self.root / "data"
+        self.sockdir = self.root / "run"
+        self.log = self.root / "server.log"
+        self.bindir = find_bindir()
+        port_file = self.root / "port"
+        self.port = port or (int(port_file.read_text()) if port_file.exists() else free_port())
+        pw_file = self.root / "password"
+        self.password = password or (pw_file.read_text() if pw_file.exists() else secrets.token_urlsafe(18))
+        self.host = "127.0.0.1"
+        self.user = SUPERUSER
+
+    # Running as root (CI, containers) the server must run as an unprivileged account.
+    def _run(self, args: list[str], **kw) -> subprocess.CompletedProcess:
+        if os.geteuid() == 0:
+            args = ["runuser", "-u", "postgres", "--", *args]
+        return subprocess.run(args, check=True, capture_output=True, text=True, **kw)
+
+    def _chown(self, path: Path) -> None:
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+
+    def init(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "port").write_text(str(self.port))
+        (self.root / "password").write_text(self.password)
+        os.chmod(self.root / "password", 0o600)
+        if self.data.exists():
+            return
+        for d in (self.root, self.sockdir):
+            d.mkdir(exist_ok=True)
+            self._chown(d)
+        pwfile = self.root / "initdb.pw"
+        pwfile.write_text(self.password)
+        self._chown(pwfile)
+        try:
+            self._run([str(self.bindir / "initdb"), "-D", str(self.data), "-U", SUPERUSER, "-E", "UTF8",
+                       "--locale=C.UTF-8", "--auth=scram-sha-256", f"--pwfile={pwfile}"])
+        finally:
+            pwfile.unlink()
+        # Password logins over TCP only; the local socket stays password-protected too.
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write(f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\n"
+                       f"unix_socket_directories = '{self.sockdir}'\nfsync = off\n"
+                       "max_connections = 100\nlog_min_messages = warning\n")
+
+    def start(self, wait: float = 30.0) -> None:
+        self.init()
+        if self.running():
+            return
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w",
+                   "-t", str(int(wait)), "start"])
+
+    def stop(self, mode: str = "fast") -> None:
+        if self.data.exists() and self.running():
+            self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"])
+
+    def running(self) -> bool:
+        if not self.data.exists():
+            return False
+        res = subprocess.run(["runuser", "-u", "postgres", "--"] * (os.geteuid() == 0)
+                             + [str(self.bindir / "pg_ctl"), "-D", str(self.data), "status"],
+                             capture_output=True, text=True)
+        return res.returncode == 0
+
+    def postmaster_pid(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().splitlines()[0])
+
+    def env(self) -> dict[str, str]:
+        """libpq variables for psql and psycopg2 (the password in the environment, never argv)."""
+        return {"PGHOST": self.host, "PGPORT": str(self.port), "PGUSER": self.user,
+                "PGPASSWORD": self.password, "PGDATABASE": "postgres"}
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while subprocess.run([str(self.bindir / "pg_isready"), "-q", "-h", self.host, "-p", str(self.port)]).returncode:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"PostgreSQL on port {self.port} not ready after {timeout} s")
+            time.sleep(0.1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["start", "stop"])
+    parser.add_argument("dir")
+    parser.add_argument("--port", type=int)
+    args = parser.parse_args()
+    cluster = Cluster(Path(args.dir), port=args.port)
+    if args.action == "start":
+        cluster.start()
+        print(cluster.port)
+    else:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
