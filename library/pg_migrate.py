@@ -748,7 +748,7 @@ class Migrator:
         if pos and pos.isdigit():
             line += st.text[: int(pos) - 1].count("\n")
         code = exc.pgcode or "?????"
-        label = psycopg2.errorcodes.lookup(code) if exc.pgcode else "error"
+        label = psycopg2.errorcodes.lookup(code).lower() if exc.pgcode else "error"
         message = first_line(exc.diag.message_primary or str(exc))
         if mig.transactional:
             effect = "The file was rolled back and not recorded: nothing of it was applied."
@@ -765,14 +765,17 @@ class Migrator:
             msg += f" Grant role {self.p['login_user']!r} the privilege named above."
         return MigrationError(msg, failed_migration=mig.name, sqlstate=code, line=line)
 
-    def apply(self, mig: Migration, record_history_first: bool, adopting: bool) -> dict:
+    def apply(self, mig: Migration, create_history: bool, adopting: bool) -> dict:
+        """Run one file, then record it; a transactional file and its history row commit together.
+
+        The history table is created after the file's statements, so that a first migration may
+        create the managed schema itself without IF NOT EXISTS.
+        """
         began = time.monotonic()
         cur = self.conn.cursor()
         if mig.transactional:
             cur.execute("BEGIN")
         try:
-            if record_history_first:
-                self.create_history()
             before = self.catalog_fingerprint() if adopting else None
             for index, st in enumerate(mig.statements, 1):
                 try:
@@ -782,6 +785,8 @@ class Migrator:
                         cur.execute("ROLLBACK")
                     raise self.statement_error(mig, st, index, exc) from None
             adopted = adopting and before == self.catalog_fingerprint()
+            if create_history:
+                self.create_history()
             duration = (time.monotonic() - began) * 1000
             cur.execute(pgsql.SQL("INSERT INTO {} (version, name, checksum, duration_ms, transactional, adopted, host, "
                                   "source) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)").format(self.history_ident()),
@@ -790,10 +795,12 @@ class Migrator:
             if mig.transactional:
                 cur.execute("COMMIT")
         except psycopg2.Error as exc:
-            if mig.transactional and self.conn.status == psycopg2.extensions.STATUS_IN_TRANSACTION:
+            if mig.transactional and self.conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
                 cur.execute("ROLLBACK")
             raise MigrationError(f"Recording migration {mig.name} in {self.schema}.{self.table} failed: "
-                                 f"SQLSTATE {exc.pgcode}: {first_line(str(exc))}. The file was not recorded") from None
+                                 f"SQLSTATE {exc.pgcode}: {first_line(str(exc))}. The file was not recorded"
+                                 + (" (its statements stayed committed)" if not mig.transactional else
+                                    " and nothing of it was applied")) from None
         return {**mig.summary(), "duration_ms": round(duration, 3), "adopted": adopted}
 
     def accept(self, change: dict) -> None:
@@ -849,9 +856,6 @@ class Migrator:
                 result["changed"] = True
             remaining = list(plan.pending)
             needs_history = not history_exists
-            if needs_history and remaining and not remaining[0].transactional:
-                self.create_history()  # a non-transactional first file cannot carry the DDL in its transaction
-                needs_history = False
             try:
                 while remaining:
                     mig = remaining[0]

@@ -1,0 +1,150 @@
+"""Fixtures: a real PostgreSQL cluster started from the machine's binaries, and helpers that run our
+modules and playbooks through ansible-playbook, as users do."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MIGRATIONS = ROOT / "roles" / "stock_monitoring_db" / "files" / "migrations"
+EXPECTED = ["alerts", "audit_log", "notifications", "watchlist_items", "watchlists"]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from pgcluster import Cluster  # noqa: E402
+
+
+def load_library(name: str):
+    """Import a module of library/ to test its plain functions."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "library" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    root = Path(tempfile.mkdtemp(prefix="smdb-test-pg-"))
+    os.chmod(root, 0o755)  # the server runs as the postgres account when the tests run as root
+    pg = Cluster(root / "cluster")
+    pg.start()
+    yield pg
+    pg.stop("immediate")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+class Db:
+    """One database (possibly not created yet) on the test cluster."""
+
+    def __init__(self, cluster: Cluster, name: str) -> None:
+        self.cluster, self.name = cluster, name
+
+    def connect(self, dbname: str | None = None, autocommit: bool = True, user: str | None = None,
+                password: str | None = None):
+        conn = psycopg2.connect(host=self.cluster.host, port=self.cluster.port, user=user or self.cluster.user,
+                                password=password or self.cluster.password, dbname=dbname or self.name)
+        conn.autocommit = autocommit
+        return conn
+
+    def query(self, sql: str, args: tuple = (), dbname: str | None = None) -> list[tuple]:
+        conn = self.connect(dbname)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, args)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+
+    def create(self) -> Db:
+        self.query(f'CREATE DATABASE "{self.name}"', dbname="postgres")
+        return self
+
+    def exists(self) -> bool:
+        return bool(self.query("SELECT 1 FROM pg_database WHERE datname = %s", (self.name,), dbname="postgres"))
+
+    def tables(self, schema: str = "stock_monitoring") -> list[str]:
+        return [r[0] for r in self.query("SELECT table_name FROM information_schema.tables WHERE table_schema = %s "
+                                         "ORDER BY 1", (schema,))]
+
+    def history(self, schema: str = "stock_monitoring") -> list[tuple]:
+        return self.query(f'SELECT version, name, checksum, adopted FROM "{schema}".pg_migrate_history ORDER BY 1')
+
+    def psql_files(self, *files: Path) -> None:
+        """The manual process this project replaces."""
+        args = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.name]
+        for f in files:
+            args += ["-f", str(f)]
+        subprocess.run(args, check=True, env={**os.environ, **self.cluster.env()}, capture_output=True)
+
+
+@pytest.fixture
+def db(cluster) -> Db:
+    """A fresh, not yet created database name."""
+    d = Db(cluster, f"t_{uuid.uuid4().hex[:10]}")
+    yield d
+    if d.exists():
+        d.query(f'DROP DATABASE "{d.name}" WITH (FORCE)', dbname="postgres")
+
+
+def ansible_env(extra: dict | None = None) -> dict:
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_LIBRARY": str(ROOT / "library"),
+           "ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
+    env.pop("PGPASSWORD", None)
+    env.update(extra or {})
+    return env
+
+
+class Result:
+    def __init__(self, proc: subprocess.CompletedProcess) -> None:
+        self.rc, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
+        self.output = proc.stdout + proc.stderr
+
+
+def run_playbook(playbook: Path | str, inventory: Path | str | None = None, extra_vars: dict | None = None,
+                 args: list[str] | None = None, env: dict | None = None, timeout: int = 300) -> Result:
+    cmd = [str(Path(sys.executable).parent / "ansible-playbook"), str(playbook)]
+    if inventory:
+        cmd += ["-i", str(inventory)]
+    if extra_vars:
+        cmd += ["-e", json.dumps(extra_vars)]
+    cmd += args or []
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ansible_env(env), cwd=ROOT, timeout=timeout)
+    return Result(proc)
+
+
+def module_params(db: Db, **overrides) -> dict:
+    params = {"login_host": db.cluster.host, "login_port": db.cluster.port, "login_user": db.cluster.user,
+              "login_password": db.cluster.password, "login_db": db.name, "schema": "stock_monitoring",
+              "migrations": read_migrations(MIGRATIONS), "expected_tables": EXPECTED, "lock_wait_timeout": 30}
+    params.update(overrides)
+    return params
+
+
+def read_migrations(folder: Path) -> dict[str, str]:
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.sql"))}
+
+
+def run_module(tmp_path: Path, module: str, params: dict, check: bool = False, diff: bool = False,
+               verbosity: int = 0) -> tuple[dict, Result]:
+    """Run one module task through ansible-playbook on localhost; return its result and the run."""
+    book = tmp_path / f"play-{uuid.uuid4().hex[:6]}.yml"
+    task = {"name": "Run the module", module: params, "register": "out"}
+    book.write_text(json.dumps([{"hosts": "localhost", "gather_facts": False, "tasks": [task]}]))
+    args = ["-i", "localhost,", "-c", "local", "-e", json.dumps({"ansible_python_interpreter": sys.executable})]
+    args += ["--check"] * check + ["--diff"] * diff + ([f"-{'v' * verbosity}"] if verbosity else [])
+    res = run_playbook(book, args=args, env={"ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json",
+                                             "ANSIBLE_CALLBACK_RESULT_FORMAT": "json"})
+    data = json.loads(res.stdout[res.stdout.index("{"):])
+    task_result = data["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    return task_result, res

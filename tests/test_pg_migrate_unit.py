@@ -1,0 +1,139 @@
+"""pg_migrate's plain functions: names, checksums, SQL splitting, planning and policies."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import MIGRATIONS, load_library, read_migrations
+
+pm = load_library("pg_migrate")
+
+
+def test_checksum_ignores_line_endings_bom_and_trailing_space():
+    base = "CREATE TABLE a (id int);\nSELECT 1;\n"
+    assert pm.checksum(base) == pm.checksum(base.replace("\n", "\r\n"))
+    assert pm.checksum(base) == pm.checksum("\ufeff" + base)
+    assert pm.checksum(base) == pm.checksum(base.replace("\n", "\r"))
+    assert pm.checksum(base) == pm.checksum(base + "\n\n  ")
+    assert pm.checksum(base) != pm.checksum(base.replace("a (", "b ("))
+
+
+def test_split_honours_quotes_comments_and_dollar_quotes():
+    sql = (
+        "-- leading; comment\n"
+        "CREATE TABLE t (v text DEFAULT 'a;b''c');\n"
+        "/* block; /* nested; */ still; */\n"
+        "CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $body$ BEGIN RETURN ';'; END $body$;\n"
+        "SELECT E'it\\'s;', \"we;ird\" FROM t;\n"
+        "CREATE FUNCTION g() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; SELECT CASE WHEN true THEN 2 END; END;\n"
+        "SELECT $1::text\n"
+    )
+    stmts = pm.split_statements(sql)
+    assert [s.line for s in stmts] == [2, 4, 5, 6, 7]
+    assert stmts[0].text == "CREATE TABLE t (v text DEFAULT 'a;b''c');"
+    assert stmts[1].text.endswith("$body$;")
+    assert "BEGIN ATOMIC" in stmts[3].text and stmts[3].text.endswith("END;")
+    assert stmts[4].text == "SELECT $1::text"
+
+
+@pytest.mark.parametrize("sql, message", [
+    ("SELECT 'open;\n", "quote opened at line 1 is never closed"),
+    ("SELECT 1;\n/* open\n", "comment opened at line 2 is never closed"),
+    ("SELECT $x$ open;\n", "dollar quote $x$ opened at line 1"),
+    ("SELECT 1;\n\\i other.sql\n", "line 2 is a psql meta-command"),
+])
+def test_split_rejects_broken_sql_with_the_line(sql, message):
+    with pytest.raises(pm.MigrationError, match=message.replace("$", r"\$")):
+        pm.split_statements(sql, "001_x.sql")
+
+
+def test_real_migrations_load_in_order():
+    migs = pm.load_migrations(read_migrations(MIGRATIONS))
+    assert [m.version for m in migs] == [22, 23]
+    assert all(m.transactional for m in migs)
+    assert len(migs[0].statements) == 9
+
+
+@pytest.mark.parametrize("files, message", [
+    ({}, "No migration files"),
+    ({"22_a.sql": "SELECT 1;", "022_b.sql": "SELECT 1;"}, "have the same version 22"),
+    ({"abc.sql": "SELECT 1;"}, "does not match NNN_name.sql"),
+    ({"001_x.SQL": "SELECT 1;"}, "does not match"),
+    ({"001_empty.sql": "-- nothing here\n\n"}, "holds no SQL statement"),
+    ({"001_tx.sql": "BEGIN;\nSELECT 1;\nCOMMIT;"}, "line 1 starts with BEGIN"),
+])
+def test_bad_file_sets_are_refused(files, message):
+    with pytest.raises(pm.MigrationError, match=message):
+        pm.load_migrations(files)
+
+
+def test_marker_makes_a_file_non_transactional_and_allows_transaction_control():
+    migs = pm.load_migrations({"005_idx.sql": "-- pg_migrate:no-transaction\nCREATE INDEX CONCURRENTLY i ON t (a);"})
+    assert not migs[0].transactional
+
+
+def test_gaps_in_numbering_are_ordered_numerically():
+    migs = pm.load_migrations({"10_b.sql": "SELECT 1;", "9_a.sql": "SELECT 1;", "100_c.sql": "SELECT 1;"})
+    assert [m.version for m in migs] == [9, 10, 100]
+
+
+def plan(files, history, **kw):
+    kw.setdefault("accepted_changes", [])
+    kw.setdefault("unknown_versions", "fail")
+    kw.setdefault("out_of_order", "fail")
+    return pm.make_plan(pm.load_migrations(files), history, kw["accepted_changes"], kw["unknown_versions"],
+                        kw["out_of_order"])
+
+
+FILES = {"001_a.sql": "SELECT 1;", "002_b.sql": "SELECT 2;", "003_c.sql": "SELECT 3;"}
+
+
+def hist(*versions, **checksums):
+    return {v: {"name": f"{v:03d}", "checksum": checksums.get(f"v{v}", pm.checksum(f"SELECT {v};"))} for v in versions}
+
+
+def test_plan_lists_pending_and_already_applied():
+    p = plan(FILES, hist(1, 2))
+    assert [m.version for m in p.pending] == [3]
+    assert [m.version for m in p.already_applied] == [1, 2]
+    assert p.drift == []
+
+
+def test_edited_file_stops_with_both_checksums_and_the_exact_acceptance():
+    old = pm.checksum("SELECT 999;")
+    with pytest.raises(pm.MigrationError) as err:
+        plan(FILES, hist(1, 2, v2=old))
+    assert "002_b.sql" in err.value.msg and old in err.value.msg and pm.checksum("SELECT 2;") in err.value.msg
+    accepted = [{"version": 2, "old_checksum": old, "new_checksum": pm.checksum("SELECT 2;")}]
+    p = plan(FILES, hist(1, 2, v2=old), accepted_changes=accepted)
+    assert p.accepted[0]["version"] == 2 and [m.version for m in p.pending] == [3]
+    # Accepting some other change does not accept this one.
+    with pytest.raises(pm.MigrationError):
+        plan(FILES, hist(1, 2, v2=old), accepted_changes=[{**accepted[0], "new_checksum": "0" * 64}])
+
+
+def test_unknown_versions_fail_or_warn():
+    with pytest.raises(pm.MigrationError, match="does not have: 004"):
+        plan(FILES, hist(1, 2, 3, 4))
+    p = plan(FILES, hist(1, 2, 3, 4), unknown_versions="warn")
+    assert p.drift == [{"version": 4, "name": "004", "kind": "unknown"}]
+
+
+def test_out_of_order_fails_or_applies():
+    with pytest.raises(pm.MigrationError, match="older than the newest applied one .3.: 002_b.sql"):
+        plan(FILES, hist(1, 3))
+    p = plan(FILES, hist(1, 3), out_of_order="apply")
+    assert [m.version for m in p.pending] == [2]
+
+
+def test_connect_errors_are_classified():
+    assert pm.classify_connect_error('FATAL:  password authentication failed for user "x"') == "auth"
+    assert pm.classify_connect_error('FATAL:  database "x" does not exist') == "no_database"
+    assert pm.classify_connect_error("connection to server at \"127.0.0.1\", port 1 failed: Connection refused") == "down"
+    assert pm.classify_connect_error("FATAL:  the database system is starting up") == "down"
+
+
+def test_advisory_key_is_stable_and_signed_64_bit():
+    key = pm.advisory_key("stock_monitoring", "pg_migrate_history")
+    assert key == pm.advisory_key("stock_monitoring", "pg_migrate_history")
+    assert -(2**63) <= key < 2**63
+    assert key != pm.advisory_key("other", "pg_migrate_history")
