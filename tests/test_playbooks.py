@@ -1,0 +1,198 @@
+"""The role through its playbooks, against a real PostgreSQL, as an operator runs them."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import EXPECTED, MIGRATIONS, ROOT, run_playbook
+
+LOCAL = ROOT / "inventory" / "local"
+
+
+def env_text(db, password=None, **changes) -> str:
+    values = {"POSTGRES_HOST": db.cluster.host, "POSTGRES_PORT": str(db.cluster.port), "POSTGRES_USER": db.cluster.user,
+              "POSTGRES_PASSWORD": password or db.cluster.password, "POSTGRES_DB": db.name, **changes}
+    return "".join(f"{k}={v}\n" for k, v in values.items() if v is not None)
+
+
+def play(tmp_path, db, name="deploy-db.yml", env: str | None = None, args=None, extra=None, inventory=LOCAL):
+    env_file = tmp_path / ".env"
+    env_file.write_text(env if env is not None else env_text(db))
+    return run_playbook(ROOT / "playbooks" / name, inventory=inventory, args=args, extra_vars=extra,
+                        env={"STOCK_MONITORING_DB_ENV_FILE": str(env_file)})
+
+
+def recap(output: str) -> dict[str, dict[str, int]]:
+    return {m.group(1): {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
+            for m in re.finditer(r"^(\S+)\s+: (ok=.*)$", output, re.M)}
+
+
+def test_first_deploy_then_second_changes_nothing(tmp_path, db):
+    first = play(tmp_path, db)
+    assert first.rc == 0, first.output
+    assert recap(first.output)["localhost"]["changed"] == 2  # database created, migrations applied
+    assert "applied: 022_stock_monitoring_schema.sql in" in first.output
+    assert db.tables() == sorted(EXPECTED + ["pg_migrate_history"])
+    assert db.query("SELECT pg_encoding_to_char(encoding) FROM pg_database WHERE datname = %s", (db.name,),
+                    dbname="postgres") == [("UTF8",)]
+    second = play(tmp_path, db)
+    assert second.rc == 0, second.output
+    assert recap(second.output)["localhost"]["changed"] == 0
+    assert "already applied: 022_stock_monitoring_schema.sql, 023_stock_monitoring_notifications.sql" in second.output
+
+
+def test_check_mode_on_an_empty_server_changes_nothing_and_says_what_it_would_do(tmp_path, db):
+    res = play(tmp_path, db, args=["--check", "--diff"])
+    assert res.rc == 0, res.output
+    assert "database: would be created" in res.output
+    assert "pending (would apply): 022_stock_monitoring_schema.sql, 023_stock_monitoring_notifications.sql" in res.output
+    assert "CREATE TABLE IF NOT EXISTS stock_monitoring.notifications" in res.output  # --diff shows the SQL
+    assert not db.exists()
+
+
+@pytest.mark.parametrize("template", [
+    # export prefix, comments, quotes, escapes, duplicates (last wins), expansion
+    "# backend settings\nexport POSTGRES_HOST={host}\nPOSTGRES_PORT='{port}' # inline comment\n"
+    "POSTGRES_USER=\"{user}\"\nPOSTGRES_PASSWORD='{password}'\nPOSTGRES_DB=wrong\nDB_NAME={db}\nPOSTGRES_DB=${{DB_NAME}}\n",
+    # CRLF line endings and a BOM
+    "\ufeffPOSTGRES_HOST={host}\r\nPOSTGRES_PORT={port}\r\nPOSTGRES_USER={user}\r\nPOSTGRES_PASSWORD=\"{password}\"\r\n"
+    "POSTGRES_DB={db}\r\n",
+])
+def test_env_file_dialects(tmp_path, db, template):
+    text = template.format(host=db.cluster.host, port=db.cluster.port, user=db.cluster.user,
+                           password=db.cluster.password, db=db.name)
+    res = play(tmp_path, db, env=text)
+    assert res.rc == 0, res.output
+    assert db.tables()
+
+
+def test_missing_env_file_is_named(tmp_path, db):
+    res = run_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=LOCAL,
+                       env={"STOCK_MONITORING_DB_ENV_FILE": str(tmp_path / "nope.env")})
+    assert res.rc != 0
+    assert f"The .env file {tmp_path / 'nope.env'} does not exist on this host" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_missing_keys_are_named_and_no_value_is_shown(tmp_path, db):
+    res = play(tmp_path, db, env=env_text(db, POSTGRES_USER=None, POSTGRES_DB=""))
+    assert res.rc != 0
+    assert "does not set POSTGRES_USER, POSTGRES_DB (missing or empty)" in res.output
+    assert db.cluster.password not in res.output
+
+
+def test_unparseable_env_line_is_named_not_shown(tmp_path, db):
+    res = play(tmp_path, db, env=env_text(db) + "BROKEN=\"never closed s3cr3t-value\n")
+    assert res.rc != 0 and "line 6 cannot be parsed" in res.output
+    assert "s3cr3t-value" not in res.output and db.cluster.password not in res.output
+
+
+def test_role_variables_override_the_env_file(tmp_path, db):
+    res = play(tmp_path, db, env=env_text(db, POSTGRES_PORT="1", POSTGRES_DB="not_this_one"),
+               extra={"stock_monitoring_db_postgres_port": db.cluster.port, "stock_monitoring_db_postgres_db": db.name})
+    assert res.rc == 0, res.output
+    assert db.tables()
+
+
+def test_wrong_password_and_server_down_are_told_apart(tmp_path, db):
+    res = play(tmp_path, db, env=env_text(db, password="not-the-password"))
+    assert res.rc != 0 and "was refused" in res.output and "POSTGRES_PASSWORD" in res.output
+    assert "not-the-password" not in res.output
+    res = play(tmp_path, db, env=env_text(db, POSTGRES_PORT="1"), extra={"stock_monitoring_db_wait_timeout": 1})
+    assert res.rc != 0 and "127.0.0.1:1 is not reachable (waited 1 s)" in res.output
+
+
+def test_verify_catches_a_dropped_table_and_pending_migrations(tmp_path, db):
+    assert play(tmp_path, db).rc == 0
+    ok = play(tmp_path, db, "verify-db.yml")
+    assert ok.rc == 0 and recap(ok.output)["localhost"]["changed"] == 0, ok.output
+    db.query("DROP TABLE stock_monitoring.notifications")
+    res = play(tmp_path, db, "verify-db.yml")
+    assert res.rc != 0 and "missing tables: notifications" in res.output
+    # A pending migration: verify reports it and applies nothing.
+    extra = tmp_path / "migrations"
+    extra.mkdir()
+    for f in MIGRATIONS.glob("*.sql"):
+        (extra / f.name).write_text(f.read_text())
+    (extra / "024_more.sql").write_text("CREATE TABLE stock_monitoring.more (id int);\n")
+    res = play(tmp_path, db, "verify-db.yml", extra={"stock_monitoring_db_migrations_dir": str(extra)})
+    assert res.rc != 0 and "pending migrations: 024_more.sql" in res.output
+    assert "more" not in db.tables()
+
+
+def test_verify_never_creates_a_missing_database(tmp_path, db):
+    res = play(tmp_path, db, "verify-db.yml")
+    assert res.rc != 0 and "the database does not exist" in res.output
+    assert not db.exists()
+
+
+def test_unexpected_table_is_reported_not_fatal(tmp_path, db):
+    assert play(tmp_path, db).rc == 0
+    db.query("CREATE TABLE stock_monitoring.scratch (id int)")
+    res = play(tmp_path, db)
+    assert res.rc == 0 and "unexpected: scratch" in res.output
+
+
+def test_several_hosts_sharing_one_database_apply_once(tmp_path, db):
+    inv = tmp_path / "hosts.yml"
+    inv.write_text(json.dumps({"stock_monitoring_db": {"hosts": {f"app{i}": {
+        "ansible_connection": "local", "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+        "stock_monitoring_db_env_file": str(tmp_path / ".env")} for i in range(3)}}}))
+    report = tmp_path / "report.json"
+    res = play(tmp_path, db, inventory=inv, extra={"stock_monitoring_db_report_file": str(report)})
+    assert res.rc == 0, res.output
+    hosts = json.loads(report.read_text())
+    assert sorted(len(h["applied"]) for h in hosts) == [0, 0, 2]
+    assert [r[0] for r in db.history()] == [22, 23]
+    assert db.cluster.password not in report.read_text()
+
+
+def test_a_vvv_run_never_shows_the_password(tmp_path, db):
+    res = play(tmp_path, db, args=["-vvvv", "--diff"])
+    assert res.rc == 0, res.output
+    for secret in (db.cluster.password, base64.b64encode(db.cluster.password.encode()).decode()):
+        assert secret not in res.output
+
+
+def test_drop_schema_refuses_production_and_unconfirmed_runs(tmp_path, db):
+    assert play(tmp_path, db).rc == 0
+    res = play(tmp_path, db, "drop-schema.yml")
+    assert res.rc != 0 and "-e stock_monitoring_db_confirm_drop=stock_monitoring" in res.output
+    res = play(tmp_path, db, "drop-schema.yml", extra={"stock_monitoring_db_confirm_drop": "stock_monitoring",
+                                                       "stock_monitoring_db_environment": "production"})
+    assert res.rc != 0 and "refuses hosts whose" in res.output
+    assert db.tables()
+    res = play(tmp_path, db, "drop-schema.yml", extra={"stock_monitoring_db_confirm_drop": "stock_monitoring"})
+    assert res.rc == 0, res.output
+    assert db.tables() == []
+    # The history went with the schema, so the next deploy rebuilds everything.
+    res = play(tmp_path, db)
+    assert res.rc == 0 and "applied: 022_stock_monitoring_schema.sql" in res.output
+
+
+def test_missing_psycopg2_fails_clearly_when_installing_is_off(tmp_path, db):
+    inv = tmp_path / "hosts.yml"
+    inv.write_text(json.dumps({"stock_monitoring_db": {"hosts": {"bare": {
+        "ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3",
+        "stock_monitoring_db_env_file": str(tmp_path / ".env")}}}}))
+    res = play(tmp_path, db, inventory=inv, extra={"stock_monitoring_db_install_psycopg2": False})
+    assert res.rc != 0
+    assert "psycopg2 is not installed for the Python of bare" in res.output
+    assert "stock_monitoring_db_install_psycopg2 is false" in res.output
+
+
+def test_missing_migrations_directory_is_named(tmp_path, db):
+    res = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(tmp_path / "none")})
+    assert res.rc != 0 and f"stock_monitoring_db_migrations_dir {tmp_path / 'none'} is not a directory" in res.output
+
+
+def test_env_in_json_report_and_history_have_no_secret(tmp_path, db):
+    report = tmp_path / "r.json"
+    assert play(tmp_path, db, extra={"stock_monitoring_db_report_file": str(report)}).rc == 0
+    text = report.read_text() + repr(db.query("SELECT * FROM stock_monitoring.pg_migrate_history"))
+    assert db.cluster.password not in text and base64.b64encode(db.cluster.password.encode()).decode() not in text
+    assert Path(report).exists()
