@@ -25,7 +25,7 @@ description:
     concurrent runs never apply a file twice; a run that cannot get the lock within
     O(lock_wait_timeout) fails and names the session that holds it.
   - A database that already holds the schema from before (applied by hand with psql) but has no
-    history table is adopted, when its files are re-runnable (C(CREATE ... IF NOT EXISTS)): each
+    history table is adopted, when its files are re-runnable (C(CREATE ... IF NOT EXISTS)). Each
     file runs, and one that created no catalog object is recorded with C(adopted=true).
   - In check mode nothing is executed but read-only catalog queries on a read-only connection; the
     result is the exact plan. It works when the database does not exist yet (the plan is then
@@ -421,7 +421,9 @@ def split_statements(text: str, name: str = "<sql>") -> list[Statement]:
             i += 1
             continue
         if c == "'" or c == '"':
-            escapes = c == "'" and i > 0 and text[i - 1] in "eE" and (i < 2 or not (text[i - 2].isalnum() or text[i - 2] == "_"))
+            # E'...' strings take backslash escapes; the E must not end a longer identifier.
+            prefix_e = i > 0 and text[i - 1] in "eE"
+            escapes = c == "'" and prefix_e and (i < 2 or not (text[i - 2].isalnum() or text[i - 2] == "_"))
             j = i + 1
             while True:
                 if j >= n:
@@ -592,7 +594,7 @@ class Migrator:
         self.where = f"{self.p['login_host']}:{self.p['login_port']}"
 
     # Connections ---------------------------------------------------------------------------------
-    def _connect_once(self, dbname: str, read_only: bool):
+    def _connect_once(self, dbname: str, read_only: bool) -> psycopg2.extensions.connection:
         options = f"-c lock_timeout={self.p['lock_timeout']} -c statement_timeout={self.p['statement_timeout']}"
         if read_only:
             options += " -c default_transaction_read_only=on"
@@ -605,7 +607,7 @@ class Migrator:
             kwargs["sslrootcert"] = self.p["ca_cert"]
         return psycopg2.connect(**kwargs)
 
-    def connect(self, dbname: str, read_only: bool):
+    def connect(self, dbname: str, read_only: bool) -> psycopg2.extensions.connection:
         """Connect, retrying while the server is down until wait_timeout; raise a named failure otherwise."""
         deadline = time.monotonic() + self.p["wait_timeout"]
         while True:
@@ -634,12 +636,12 @@ class Migrator:
         return f"Cannot connect to PostgreSQL at {where} (database {dbname!r}): {first_line(error)}"
 
     # Queries ---------------------------------------------------------------------------------------
-    def query(self, statement, args: tuple = ()) -> list[tuple]:
+    def query(self, statement: str | pgsql.Composable, args: tuple = ()) -> list[tuple]:
         with self.conn.cursor() as cur:
             cur.execute(statement, args)
             return cur.fetchall() if cur.description else []
 
-    def history_ident(self):
+    def history_ident(self) -> pgsql.Composable:
         return pgsql.SQL("{}.{}").format(pgsql.Identifier(self.schema), pgsql.Identifier(self.table))
 
     def history_exists(self) -> bool:
@@ -928,7 +930,8 @@ def main() -> None:
 
     for option in ("lock_timeout", "statement_timeout"):
         if not TIMEOUT_RE.match(module.params[option]):
-            module.fail_json(msg=f"{option}={module.params[option]!r} is not a PostgreSQL duration such as 5s, 500ms or 15min")
+            module.fail_json(msg=f"{option}={module.params[option]!r} is not a PostgreSQL duration "
+                                 "such as 5s, 500ms or 15min")
     began = time.monotonic()
     migrator = Migrator(module)
     try:

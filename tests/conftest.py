@@ -21,7 +21,7 @@ MIGRATIONS = ROOT / "roles" / "stock_monitoring_db" / "files" / "migrations"
 EXPECTED = ["alerts", "audit_log", "notifications", "watchlist_items", "watchlists"]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from pgcluster import Cluster  # noqa: E402
+from pgcluster import Cluster
 
 
 def load_library(name: str):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from conftest import EXPECTED, MIGRATIONS, load_library, module_params, run_module, run_playbook
+from conftest import EXPECTED, MIGRATIONS, ROOT, ansible_env, load_library, module_params, run_module
 
 pm = load_library("pg_migrate")
 
@@ -28,7 +30,7 @@ def test_fresh_apply_then_noop(tmp_path, db):
                                                     "023_stock_monitoring_notifications.sql"]
     assert all(a["duration_ms"] > 0 and not a["adopted"] for a in res["applied"])
     assert res["missing_tables"] == [] and res["tables"] == EXPECTED and res["pending"] == []
-    assert db.tables() == sorted(EXPECTED + ["pg_migrate_history"])
+    assert db.tables() == sorted([*EXPECTED, "pg_migrate_history"])
     row = db.query("SELECT applied_by, host, source, transactional, duration_ms > 0 FROM "
                    "stock_monitoring.pg_migrate_history WHERE version = 22")[0]
     assert row[0] == "postgres" and row[1] and row[2] == "pytest fresh" and row[3] and row[4]
@@ -89,7 +91,8 @@ def test_edited_file_stops_the_run_until_that_exact_change_is_accepted(tmp_path,
     old = pm.checksum(files["022_stock_monitoring_schema.sql"])
 
     # Line endings and a BOM are not edits.
-    crlf = {**files, "022_stock_monitoring_schema.sql": "\ufeff" + files["022_stock_monitoring_schema.sql"].replace("\n", "\r\n")}
+    schema_file = files["022_stock_monitoring_schema.sql"]
+    crlf = {**files, "022_stock_monitoring_schema.sql": "\ufeff" + schema_file.replace("\n", "\r\n")}
     res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations=crlf))
     assert run.rc == 0 and res["changed"] is False and res["drift"] == []
 
@@ -146,11 +149,10 @@ def test_racing_deploys_apply_each_file_once(tmp_path, db, cluster):
         book = tmp_path / f"race{i}.json"
         res_file = tmp_path / f"race{i}.out"
         params = module_params(db, application_name=f"race-{i}")
-        book.write_text(__import__("json").dumps([{"hosts": "localhost", "gather_facts": False,
+        book.write_text(json.dumps([{"hosts": "localhost", "gather_facts": False,
                                                    "tasks": [{"pg_migrate": params}]}]))
         cmd = [str(Path(sys.executable).parent / "ansible-playbook"), str(book), "-i", "localhost,", "-c", "local",
                "-e", f"ansible_python_interpreter={sys.executable}"]
-        from conftest import ROOT, ansible_env
         procs.append((subprocess.Popen(cmd, cwd=ROOT, env=ansible_env({"ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"}),
                                        stdout=res_file.open("w"), stderr=subprocess.STDOUT), res_file))
     # All four wait for the lock at the same moment, then it is released.
@@ -160,7 +162,6 @@ def test_racing_deploys_apply_each_file_once(tmp_path, db, cluster):
         time.sleep(0.1)
     holder.close()
     outcomes = []
-    import json
     for proc, res_file in procs:
         assert proc.wait(120) == 0, res_file.read_text()
         text = res_file.read_text()
@@ -191,7 +192,8 @@ def test_non_transactional_file_runs_create_index_concurrently(tmp_path, db):
     db.create()
     files = write(tmp_path / "m", {
         "001_t.sql": "CREATE SCHEMA IF NOT EXISTS stock_monitoring;\nCREATE TABLE stock_monitoring.t (a int, b int);\n",
-        "002_idx.sql": "-- pg_migrate:no-transaction\nCREATE INDEX CONCURRENTLY IF NOT EXISTS t_a ON stock_monitoring.t (a);\n"
+        "002_idx.sql": "-- pg_migrate:no-transaction\n"
+                       "CREATE INDEX CONCURRENTLY IF NOT EXISTS t_a ON stock_monitoring.t (a);\n"
                        "CREATE INDEX CONCURRENTLY IF NOT EXISTS t_b ON stock_monitoring.t (nope);\n",
     })
     res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations=files, expected_tables=None))
@@ -226,8 +228,7 @@ def test_connection_failures_are_told_apart_without_the_password(tmp_path, db, c
 
 
 def test_password_is_in_no_output_at_vvvv(tmp_path, db, cluster):
-    res, run = run_module(tmp_path, "pg_migrate", module_params(db, on_missing_database="report"), verbosity=4)
+    _res, run = run_module(tmp_path, "pg_migrate", module_params(db, on_missing_database="report"), verbosity=4)
     assert run.rc == 0
     assert cluster.password not in run.output
-    import base64
     assert base64.b64encode(cluster.password.encode()).decode() not in run.output

@@ -119,7 +119,7 @@ def test_unknown_versions_fail_or_warn():
 
 
 def test_out_of_order_fails_or_applies():
-    with pytest.raises(pm.MigrationError, match="older than the newest applied one .3.: 002_b.sql"):
+    with pytest.raises(pm.MigrationError, match=r"older than the newest applied one \(3\): 002_b\.sql"):
         plan(FILES, hist(1, 3))
     p = plan(FILES, hist(1, 3), out_of_order="apply")
     assert [m.version for m in p.pending] == [2]

@@ -36,7 +36,7 @@ def test_first_deploy_then_second_changes_nothing(tmp_path, db):
     assert first.rc == 0, first.output
     assert recap(first.output)["localhost"]["changed"] == 2  # database created, migrations applied
     assert "applied: 022_stock_monitoring_schema.sql in" in first.output
-    assert db.tables() == sorted(EXPECTED + ["pg_migrate_history"])
+    assert db.tables() == sorted([*EXPECTED, "pg_migrate_history"])
     assert db.query("SELECT pg_encoding_to_char(encoding) FROM pg_database WHERE datname = %s", (db.name,),
                     dbname="postgres") == [("UTF8",)]
     second = play(tmp_path, db)
