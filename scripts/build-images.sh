@@ -8,6 +8,11 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 pg_image=${MOLECULE_POSTGRES_IMAGE:-stock-monitoring-db/postgres:15}
 host_image=${MOLECULE_DEPLOY_HOST_IMAGE:-stock-monitoring-db/deploy-host:12}
+if [[ $pg_image != stock-monitoring-db/* ]]; then
+  # Official images (a machine with a registry, e.g. GitHub's runners): pull instead of building.
+  docker pull -q "$pg_image" && docker pull -q "$host_image"
+  exit 0
+fi
 stamp=$(cat "$root/molecule/images/postgres-entrypoint.sh" "$0" | sha256sum | cut -c1-12)
 if [ "$(docker image inspect -f '{{ index .Config.Labels "stamp" }}' "$pg_image" 2>/dev/null)" = "$stamp" ] &&
    docker image inspect "$host_image" >/dev/null 2>&1; then

@@ -1,0 +1,71 @@
+# stock-monitoring-db: `make demo` to see it work, `make test` for everything CI runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+SCENARIOS := default adopt failing-migration no-psycopg2
+# Offline-built images by default; on a machine with a registry set these to the official images
+# (postgres:15 and debian:bookworm), as the GitHub workflow does.
+export MOLECULE_POSTGRES_IMAGE ?= stock-monitoring-db/postgres:15
+export MOLECULE_DEPLOY_HOST_IMAGE ?= stock-monitoring-db/deploy-host:12
+
+.PHONY: help setup host-deps lint pytest molecule images test demo demo-stop bench soak clean
+
+help:
+	@echo "make demo       throwaway PostgreSQL + deploy twice + verify (make demo-stop to end it)"
+	@echo "make test       lint, pytest against real PostgreSQL, every Molecule scenario (what CI runs)"
+	@echo "make setup      the .venv with ansible, psycopg2 and the test tools"
+	@echo "make lint | pytest | molecule | bench | soak"
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+host-deps:
+	scripts/host-deps.sh
+
+lint: setup
+	ansible-lint
+	yamllint --strict .
+	ruff check .
+	for module in library/*.py; do ansible-doc -M library "$$(basename "$$module" .py)" >/dev/null || exit 1; done
+	scripts/validate-modules.sh
+	zizmor --offline .github
+	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	check-jsonschema --builtin-schema vendor.github-actions .github/actions/*/action.yml
+
+pytest: setup host-deps
+	python -m pytest -q tests
+
+images:
+	scripts/docker-up.sh
+	scripts/build-images.sh
+
+molecule: setup images
+	@passed=0; failed=0; for scenario in $(SCENARIOS); do \
+	  start=$$(date +%s); \
+	  if molecule test -s $$scenario; then passed=$$((passed + 1)); result=passed; else failed=$$((failed + 1)); result=FAILED; fi; \
+	  echo "molecule scenario $$scenario: $$result in $$(( $$(date +%s) - start )) s"; \
+	done; echo "molecule: $$passed passed, $$failed failed"; [ $$failed -eq 0 ]
+
+test: lint pytest molecule
+
+demo: setup host-deps
+	scripts/demo.sh start
+
+demo-stop:
+	scripts/demo.sh stop
+
+bench: setup host-deps
+	python scripts/bench.py
+
+soak: setup host-deps
+	python -m pytest -q -m soak tests
+
+clean:
+	-scripts/demo.sh stop
+	rm -rf $(VENV) build .demo .pytest_cache .ruff_cache
