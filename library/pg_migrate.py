@@ -292,12 +292,14 @@ server_version:
   sample: "15.18"
 """
 
+import contextlib
 import hashlib
 import re
 import socket
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
@@ -355,7 +357,22 @@ class Migration:
     text: str
     checksum: str
     transactional: bool
-    statements: list[Statement] = field(default_factory=list)
+
+    @cached_property
+    def statements(self) -> list[Statement]:
+        """The file's statements, split (and checked) only when the file is about to run."""
+        statements = split_statements(self.text, self.name)
+        if not statements:
+            raise MigrationError(f"Migration {self.name} holds no SQL statement: add its SQL or remove the file")
+        if self.transactional:
+            for st in statements:
+                keyword = st.text.split(None, 1)[0].upper().rstrip(";")
+                if keyword in TRANSACTION_CONTROL:
+                    raise MigrationError(
+                        f"Migration {self.name}: line {st.line} starts with {keyword}; each file already runs in "
+                        "one transaction that pg_migrate commits with its history row. Remove it, or mark the file "
+                        "with '-- pg_migrate:no-transaction'")
+        return statements
 
     def summary(self) -> dict:
         return {"version": self.version, "name": self.name, "checksum": self.checksum,
@@ -469,7 +486,7 @@ def split_statements(text: str, name: str = "<sql>") -> list[Statement]:
 
 
 def load_migrations(files: dict) -> list[Migration]:
-    """Validate names and texts, and order the files by version."""
+    """Validate the names and order the files by version (their SQL is checked when they are pending)."""
     if not files:
         raise MigrationError("No migration files were given: check the migrations directory")
     by_version: dict[int, Migration] = {}
@@ -486,18 +503,7 @@ def load_migrations(files: dict) -> list[Migration]:
             raise MigrationError(f"Migrations {by_version[version].name} and {name} have the same version {version}: "
                                  "renumber one of them")
         transactional = not NO_TRANSACTION_MARKER.search(text)
-        statements = split_statements(text, name)
-        if not statements:
-            raise MigrationError(f"Migration {name} holds no SQL statement: add its SQL or remove the file")
-        if transactional:
-            for st in statements:
-                keyword = st.text.split(None, 1)[0].upper().rstrip(";")
-                if keyword in TRANSACTION_CONTROL:
-                    raise MigrationError(
-                        f"Migration {name}: line {st.line} starts with {keyword}; each file already runs in one "
-                        "transaction that pg_migrate commits with its history row. Remove it, or mark the file "
-                        "with '-- pg_migrate:no-transaction'")
-        by_version[version] = Migration(version, name, text, checksum(text), transactional, statements)
+        by_version[version] = Migration(version, name, text, checksum(text), transactional)
     return [by_version[v] for v in sorted(by_version)]
 
 
@@ -752,7 +758,11 @@ class Migrator:
         code = exc.pgcode or "?????"
         label = psycopg2.errorcodes.lookup(code).lower() if exc.pgcode else "error"
         message = first_line(exc.diag.message_primary or str(exc))
-        if mig.transactional:
+        if self.conn.closed or exc.pgcode in ("57P01", "57P02", "57P03") or exc.pgcode is None:
+            effect = ("The connection to the server was lost; the server rolls back what was not committed "
+                      + ("(all of this file)" if mig.transactional else "(this file's earlier statements stay)")
+                      + " and the file was not recorded. Run the deploy again when the server is back.")
+        elif mig.transactional:
             effect = "The file was rolled back and not recorded: nothing of it was applied."
         else:
             effect = (f"The file runs outside a transaction: its statements before statement {index} stayed "
@@ -761,7 +771,7 @@ class Migrator:
                f"{effect}")
         if code == "25001":
             msg += " Mark the file with '-- pg_migrate:no-transaction' to run it outside a transaction."
-        if code == "55P03":
+        if code == "55P03" and not self.conn.closed:
             msg += f" lock_timeout ({self.p['lock_timeout']}) expired: {self.relation_lock_holders()}."
         if code == "42501":
             msg += f" Grant role {self.p['login_user']!r} the privilege named above."
@@ -783,8 +793,7 @@ class Migrator:
                 try:
                     cur.execute(st.text)
                 except psycopg2.Error as exc:
-                    if mig.transactional:
-                        cur.execute("ROLLBACK")
+                    self.rollback(mig)
                     raise self.statement_error(mig, st, index, exc) from None
             adopted = adopting and before == self.catalog_fingerprint()
             if create_history:
@@ -797,13 +806,19 @@ class Migrator:
             if mig.transactional:
                 cur.execute("COMMIT")
         except psycopg2.Error as exc:
-            if mig.transactional and self.conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
-                cur.execute("ROLLBACK")
+            self.rollback(mig)
             raise MigrationError(f"Recording migration {mig.name} in {self.schema}.{self.table} failed: "
                                  f"SQLSTATE {exc.pgcode}: {first_line(str(exc))}. The file was not recorded"
                                  + (" (its statements stayed committed)" if not mig.transactional else
                                     " and nothing of it was applied")) from None
         return {**mig.summary(), "duration_ms": round(duration, 3), "adopted": adopted}
+
+    def rollback(self, mig: Migration) -> None:
+        """End a failed file's transaction; a lost connection needs nothing (the server rolls back)."""
+        if mig.transactional and not self.conn.closed and \
+                self.conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+            with contextlib.suppress(psycopg2.OperationalError):  # the connection died with the statement
+                self.conn.cursor().execute("ROLLBACK")
 
     def accept(self, change: dict) -> None:
         self.query(pgsql.SQL("UPDATE {} SET checksum = %s, previous_checksum = %s, checksum_accepted_at = now() "
@@ -826,6 +841,8 @@ class Migrator:
             if self.p["on_missing_database"] == "fail" and not check:
                 raise MigrationError(f"Database {self.p['login_db']!r} does not exist on {self.where}: "
                                      "create it first (the stock_monitoring_db role does)") from exc
+            for mig in migrations:
+                mig.statements  # noqa: B018 - a broken file shows in the plan already
             result.update(database_exists=False, pending=[m.summary() for m in migrations])
             self.to_run = migrations
             if self.p["expected_tables"] is not None:
@@ -843,6 +860,8 @@ class Migrator:
                          self.p["out_of_order"])
         result.update(already_applied=[{"version": m.version, "name": m.name} for m in plan.already_applied],
                       accepted=plan.accepted, drift=plan.drift)
+        for mig in plan.pending:
+            mig.statements  # noqa: B018 - parse every pending file before running any of them
         for d in plan.drift:
             if d["kind"] == "unknown":
                 self.module.warn(f"Version {d['version']} ({d['name']}) is in the history but has no file")

@@ -187,7 +187,7 @@ def test_missing_psycopg2_fails_clearly_when_installing_is_off(tmp_path, db):
 
 def test_missing_migrations_directory_is_named(tmp_path, db):
     res = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(tmp_path / "none")})
-    assert res.rc != 0 and f"stock_monitoring_db_migrations_dir {tmp_path / 'none'} is not a directory" in res.output
+    assert res.rc != 0 and f"The migrations directory {tmp_path / 'none'} does not exist on the controller" in res.output
 
 
 def test_env_in_json_report_and_history_have_no_secret(tmp_path, db):
