@@ -755,23 +755,24 @@ class Migrator:
         pos = getattr(exc.diag, "statement_position", None)
         if pos and pos.isdigit():
             line += st.text[: int(pos) - 1].count("\n")
-        code = exc.pgcode or "?????"
-        label = psycopg2.errorcodes.lookup(code).lower() if exc.pgcode else "error"
         message = first_line(exc.diag.message_primary or str(exc))
-        if self.conn.closed or exc.pgcode in ("57P01", "57P02", "57P03") or exc.pgcode is None:
-            effect = ("The connection to the server was lost; the server rolls back what was not committed "
-                      + ("(all of this file)" if mig.transactional else "(this file's earlier statements stay)")
-                      + " and the file was not recorded. Run the deploy again when the server is back.")
-        elif mig.transactional:
+        where = f"Migration {mig.name} failed at line {line} (statement {index})"
+        if self.conn.closed or exc.pgcode in (None, "57P01", "57P02"):
+            kept = "all of this file" if mig.transactional else "this file's earlier statements stay"
+            return MigrationError(
+                f"{where}: the connection to the server was lost ({message}). The server rolls back what was not "
+                f"committed ({kept}) and the file was not recorded. Run the deploy again when the server is back.",
+                failed_migration=mig.name, line=line)
+        code = exc.pgcode
+        if mig.transactional:
             effect = "The file was rolled back and not recorded: nothing of it was applied."
         else:
             effect = (f"The file runs outside a transaction: its statements before statement {index} stayed "
                       "committed, and it was not recorded, so it runs again from the top next time.")
-        msg = (f"Migration {mig.name} failed at line {line} (statement {index}): SQLSTATE {code} {label}: {message}. "
-               f"{effect}")
+        msg = f"{where}: SQLSTATE {code} {psycopg2.errorcodes.lookup(code).lower()}: {message}. {effect}"
         if code == "25001":
             msg += " Mark the file with '-- pg_migrate:no-transaction' to run it outside a transaction."
-        if code == "55P03" and not self.conn.closed:
+        if code == "55P03":
             msg += f" lock_timeout ({self.p['lock_timeout']}) expired: {self.relation_lock_holders()}."
         if code == "42501":
             msg += f" Grant role {self.p['login_user']!r} the privilege named above."

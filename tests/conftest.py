@@ -6,10 +6,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -37,6 +39,18 @@ def load_library(name: str):
 def cluster():
     root = Path(tempfile.mkdtemp(prefix="smdb-test-pg-"))
     os.chmod(root, 0o755)  # the server runs as the postgres account when the tests run as root
+    pg = Cluster(root / "cluster")
+    pg.start()
+    yield pg
+    pg.stop("immediate")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def own_cluster():
+    """A cluster of the test's own, for tests that kill, stop or restart the server."""
+    root = Path(tempfile.mkdtemp(prefix="smdb-test-own-"))
+    os.chmod(root, 0o755)
     pg = Cluster(root / "cluster")
     pg.start()
     yield pg
@@ -111,16 +125,62 @@ class Result:
         self.output = proc.stdout + proc.stderr
 
 
-def run_playbook(playbook: Path | str, inventory: Path | str | None = None, extra_vars: dict | None = None,
-                 args: list[str] | None = None, env: dict | None = None, timeout: int = 300) -> Result:
+def playbook_command(playbook: Path | str, inventory: Path | str | None = None, extra_vars: dict | None = None,
+                     args: list[str] | None = None) -> list[str]:
     cmd = [str(Path(sys.executable).parent / "ansible-playbook"), str(playbook)]
     if inventory:
         cmd += ["-i", str(inventory)]
     if extra_vars:
         cmd += ["-e", json.dumps(extra_vars)]
-    cmd += args or []
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ansible_env(env), cwd=ROOT, timeout=timeout)
+    return cmd + (args or [])
+
+
+def run_playbook(playbook: Path | str, inventory: Path | str | None = None, extra_vars: dict | None = None,
+                 args: list[str] | None = None, env: dict | None = None, timeout: int = 300) -> Result:
+    proc = subprocess.run(playbook_command(playbook, inventory, extra_vars, args), capture_output=True, text=True,
+                          env=ansible_env(env), cwd=ROOT, timeout=timeout)
     return Result(proc)
+
+
+def start_playbook(playbook: Path | str, inventory: Path | str | None = None, extra_vars: dict | None = None,
+                   args: list[str] | None = None, env: dict | None = None) -> subprocess.Popen:
+    """The same, in the background: finish it with finish(proc)."""
+    return subprocess.Popen(playbook_command(playbook, inventory, extra_vars, args), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=ansible_env(env), cwd=ROOT)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 300) -> Result:
+    out, _ = proc.communicate(timeout=timeout)
+    return Result(subprocess.CompletedProcess(proc.args, proc.returncode, out, ""))
+
+
+def wait_for(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+LOCAL = ROOT / "inventory" / "local"
+
+
+def env_text(db, password=None, **changes) -> str:
+    values = {"POSTGRES_HOST": db.cluster.host, "POSTGRES_PORT": str(db.cluster.port), "POSTGRES_USER": db.cluster.user,
+              "POSTGRES_PASSWORD": password or db.cluster.password, "POSTGRES_DB": db.name, **changes}
+    return "".join(f"{k}={v}\n" for k, v in values.items() if v is not None)
+
+
+def play(tmp_path, db, name="deploy-db.yml", env: str | None = None, args=None, extra=None, inventory=LOCAL):
+    env_file = tmp_path / ".env"
+    env_file.write_text(env if env is not None else env_text(db))
+    return run_playbook(ROOT / "playbooks" / name, inventory=inventory, args=args, extra_vars=extra,
+                        env={"STOCK_MONITORING_DB_ENV_FILE": str(env_file)})
+
+
+def recap(output: str) -> dict[str, dict[str, int]]:
+    return {m.group(1): {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
+            for m in re.finditer(r"^(\S+)\s+: (ok=.*)$", output, re.M)}
 
 
 def module_params(db: Db, **overrides) -> dict:

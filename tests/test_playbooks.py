@@ -4,31 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from pathlib import Path
 
 import pytest
-from conftest import EXPECTED, MIGRATIONS, ROOT, run_playbook
-
-LOCAL = ROOT / "inventory" / "local"
-
-
-def env_text(db, password=None, **changes) -> str:
-    values = {"POSTGRES_HOST": db.cluster.host, "POSTGRES_PORT": str(db.cluster.port), "POSTGRES_USER": db.cluster.user,
-              "POSTGRES_PASSWORD": password or db.cluster.password, "POSTGRES_DB": db.name, **changes}
-    return "".join(f"{k}={v}\n" for k, v in values.items() if v is not None)
-
-
-def play(tmp_path, db, name="deploy-db.yml", env: str | None = None, args=None, extra=None, inventory=LOCAL):
-    env_file = tmp_path / ".env"
-    env_file.write_text(env if env is not None else env_text(db))
-    return run_playbook(ROOT / "playbooks" / name, inventory=inventory, args=args, extra_vars=extra,
-                        env={"STOCK_MONITORING_DB_ENV_FILE": str(env_file)})
-
-
-def recap(output: str) -> dict[str, dict[str, int]]:
-    return {m.group(1): {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
-            for m in re.finditer(r"^(\S+)\s+: (ok=.*)$", output, re.M)}
+from conftest import EXPECTED, LOCAL, MIGRATIONS, ROOT, env_text, play, recap, run_playbook
 
 
 def test_first_deploy_then_second_changes_nothing(tmp_path, db):

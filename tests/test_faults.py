@@ -1,0 +1,209 @@
+"""Faults and races against a real PostgreSQL: nothing lost, nothing half-done, every failure named."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from conftest import LOCAL, MIGRATIONS, ROOT, Db, env_text, finish, play, start_playbook, wait_for
+
+DEPLOY = ROOT / "playbooks" / "deploy-db.yml"
+APP = "stock-monitoring-db"
+
+
+def migrations_with(folder: Path, extra: dict[str, str]) -> Path:
+    folder.mkdir(exist_ok=True)
+    for f in MIGRATIONS.glob("*.sql"):
+        (folder / f.name).write_text(f.read_text())
+    for name, text in extra.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+SLOW = {"024_slow.sql": "CREATE TABLE stock_monitoring.slow_a (id int);\nSELECT pg_sleep(3);\n"
+                        "CREATE TABLE stock_monitoring.slow_b (id int);\n"}
+
+
+def background_deploy(tmp_path: Path, db: Db, folder: Path, **extra):
+    env_file = tmp_path / ".env"
+    env_file.write_text(env_text(db))
+    return start_playbook(DEPLOY, inventory=LOCAL, extra_vars={"stock_monitoring_db_migrations_dir": str(folder), **extra},
+                          env={"STOCK_MONITORING_DB_ENV_FILE": str(env_file)})
+
+
+def active(db: Db, pattern: str) -> int:
+    return db.query("SELECT pid FROM pg_stat_activity WHERE application_name = %s AND state = 'active' "
+                    "AND query LIKE %s", (APP, pattern), dbname="postgres")
+
+
+def assert_consistent(db: Db, applied: list[int]) -> None:
+    """Recorded files have their effects; unrecorded ones have none."""
+    assert [r[0] for r in db.history()] == applied
+    tables = set(db.tables())
+    assert ({"slow_a", "slow_b"} <= tables) == (24 in applied)
+    assert not ({"slow_a", "slow_b"} & tables) or 24 in applied
+
+
+def test_server_killed_during_a_migration(tmp_path, own_cluster):
+    db = Db(own_cluster, "killed")
+    proc = background_deploy(tmp_path, db, migrations_with(tmp_path / "m", SLOW))
+    wait_for(lambda: db.exists() and active(db, "%pg_sleep%"), "the slow migration to run")
+    os.kill(own_cluster.postmaster_pid(), signal.SIGKILL)
+    res = finish(proc)
+    assert res.rc != 0
+    assert "Migration 024_slow.sql failed at line 2 (statement 2): the connection to the server was lost" in res.output
+    assert "Traceback" not in res.output and own_cluster.password not in res.output
+    wait_for(lambda: not own_cluster.running(), "the killed server to be gone")
+    # The orphaned backends exit once they notice; then crash recovery.
+    wait_for(lambda: _start(own_cluster), "the server to restart after SIGKILL", timeout=60)
+    assert_consistent(db, [22, 23])
+    again = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(tmp_path / "m")})
+    assert again.rc == 0, again.output
+    assert_consistent(db, [22, 23, 24])
+
+
+def _start(cluster) -> bool:
+    try:
+        cluster.start(wait=10)
+        return True
+    except subprocess.CalledProcessError:  # stale shared memory of the killed server: try again
+        return False
+
+
+def test_connection_terminated_by_the_server(tmp_path, db):
+    proc = background_deploy(tmp_path, db, migrations_with(tmp_path / "m", SLOW))
+    wait_for(lambda: db.exists() and active(db, "%pg_sleep%"), "the slow migration to run")
+    pid = active(db, "%pg_sleep%")[0][0]
+    db.query("SELECT pg_terminate_backend(%s)", (pid,), dbname="postgres")
+    res = finish(proc)
+    assert res.rc != 0
+    # libpq reports a terminated backend as a closed connection, without the 57P01 SQLSTATE.
+    assert "Migration 024_slow.sql failed at line 2 (statement 2): the connection to the server was lost" in res.output
+    assert "Traceback" not in res.output
+    assert_consistent(db, [22, 23])
+    again = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(tmp_path / "m")})
+    assert again.rc == 0, again.output
+    assert_consistent(db, [22, 23, 24])
+
+
+def test_lock_timeout_names_the_blocker_and_never_stalls_readers(tmp_path, db):
+    assert play(tmp_path, db).rc == 0
+    blocker = db.connect(autocommit=False)
+    cur = blocker.cursor()
+    cur.execute("SET application_name = 'long-report'")
+    cur.execute("SELECT count(*) FROM stock_monitoring.alerts")  # holds ACCESS SHARE until it ends
+    alter = "ALTER TABLE stock_monitoring.alerts ADD COLUMN note text;\n"
+    folder = migrations_with(tmp_path / "m", {"024_alter.sql": alter})
+    started = time.monotonic()
+    proc = background_deploy(tmp_path, db, folder, stock_monitoring_db_lock_timeout="1s")
+    wait_for(lambda: db.query("SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE NOT l.granted "
+                              "AND a.application_name = %s", (APP,)), "the ALTER TABLE to queue")
+    waited = {}
+
+    def reader() -> None:  # arrives behind the queued ALTER TABLE, as the backend's queries would
+        conn = db.connect()
+        began = time.monotonic()
+        conn.cursor().execute("SELECT count(*) FROM stock_monitoring.alerts")
+        waited["s"] = time.monotonic() - began
+        conn.close()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    res = finish(proc)
+    thread.join(30)
+    blocker_pid = blocker.get_backend_pid()
+    blocker.rollback()
+    blocker.close()
+    assert res.rc != 0
+    assert "Migration 024_alter.sql failed at line 1 (statement 1): SQLSTATE 55P03 lock_not_available" in res.output
+    assert f"lock_timeout (1s) expired: blocked by pid {blocker_pid} (user postgres, application 'long-report'" in res.output
+    assert waited["s"] < 2.0, f"a reader waited {waited['s']:.2f} s behind the migration"
+    assert time.monotonic() - started < 60
+    assert "note" not in [r[0] for r in db.query("SELECT column_name FROM information_schema.columns "
+                                                 "WHERE table_name = 'alerts'")]
+    assert [r[0] for r in db.history()] == [22, 23]
+    again = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(folder)})
+    assert again.rc == 0 and [r[0] for r in db.history()] == [22, 23, 24]
+
+
+def test_eight_deploys_at_once_against_a_server_without_the_database(tmp_path, db):
+    env_file = tmp_path / ".env"
+    env_file.write_text(env_text(db))
+    # Every CREATE DATABASE queues behind this lock, so all eight find the database missing and
+    # race for real when it is released.
+    gate = db.connect(dbname="postgres", autocommit=False)
+    gate.cursor().execute("LOCK TABLE pg_catalog.pg_database IN SHARE MODE")
+    procs = [start_playbook(DEPLOY, inventory=LOCAL, env={"STOCK_MONITORING_DB_ENV_FILE": str(env_file)})
+             for _ in range(8)]
+    try:
+        wait_for(lambda: db.query("SELECT count(*) FROM pg_locks WHERE relation = 'pg_catalog.pg_database'::regclass "
+                                  "AND NOT granted", dbname="postgres")[0][0] >= 8,
+                 "all eight CREATE DATABASE to queue", timeout=120)
+    finally:
+        gate.rollback()
+        gate.close()
+    results = [finish(p) for p in procs]
+    for res in results:
+        assert res.rc == 0, res.output
+    assert [r[0] for r in db.history()] == [22, 23]
+    appliers = [r for r in results if "applied: 022_stock_monitoring_schema.sql in" in r.output]
+    assert len(appliers) == 1
+    assert sum("database: created" in r.output for r in results) == 1
+
+
+def test_server_down_at_start_then_up_five_seconds_later(tmp_path, own_cluster):
+    db = Db(own_cluster, "late")
+    own_cluster.stop()
+    proc = background_deploy(tmp_path, db, MIGRATIONS)
+    time.sleep(5)
+    own_cluster.start()
+    res = finish(proc)
+    assert res.rc == 0, res.output
+    assert [r[0] for r in db.history()] == [22, 23]
+
+
+def test_server_that_never_comes_up_fails_at_the_deadline(tmp_path, own_cluster):
+    db = Db(own_cluster, "never")
+    own_cluster.stop()
+    began = time.monotonic()
+    res = play(tmp_path, db, extra={"stock_monitoring_db_wait_timeout": 3})
+    took = time.monotonic() - began
+    assert res.rc != 0
+    assert f"PostgreSQL server at 127.0.0.1:{own_cluster.port} is not reachable (waited 3 s)" in res.output
+    assert 3 <= took < 30 and "Traceback" not in res.output
+
+
+def test_missing_privileges_are_named(tmp_path, db):
+    role, password = f"app_{uuid.uuid4().hex[:8]}", "app-Pw-" + uuid.uuid4().hex[:8]
+    db.query(f"CREATE ROLE {role} LOGIN NOCREATEDB PASSWORD %s", (password,), dbname="postgres")
+    try:
+        app_env = env_text(db, password=password, POSTGRES_USER=role)
+        res = play(tmp_path, db, env=app_env)
+        assert res.rc != 0 and "The role needs the CREATEDB privilege" in res.output
+        assert "permission denied to create database" in res.output and password not in res.output
+        db.create()  # a DBA creates it, but grants nothing
+        res = play(tmp_path, db, env=app_env)
+        assert res.rc != 0
+        assert f"Role '{role}' lacks the CREATE privilege on database '{db.name}'" in res.output
+        assert f"GRANT CREATE ON DATABASE {db.name} TO {role}" in res.output
+        assert not db.query("SELECT 1 FROM pg_namespace WHERE nspname = 'stock_monitoring'")
+        db.query(f"GRANT CREATE ON DATABASE {db.name} TO {role}")
+        res = play(tmp_path, db, env=app_env)
+        assert res.rc == 0, res.output
+        assert db.query("SELECT tableowner FROM pg_tables WHERE tablename = 'alerts'") == [(role,)]
+    finally:
+        if db.exists():
+            db.query(f'DROP DATABASE "{db.name}" WITH (FORCE)', dbname="postgres")
+        db.query(f"DROP ROLE {role}", dbname="postgres")
+
+
+def test_wrong_password_is_not_retried_and_not_shown(tmp_path, db):
+    began = time.monotonic()
+    res = play(tmp_path, db, env=env_text(db, password="Wr0ng-pass-word"))
+    assert res.rc != 0 and "was refused" in res.output and time.monotonic() - began < 30
+    assert "Wr0ng-pass-word" not in res.output
