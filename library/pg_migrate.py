@@ -107,10 +107,13 @@ options:
     description:
       - What to do when O(login_db) does not exist.
       - V(fail) fails with a message naming it; V(report) returns RV(database_exists=false) with
-        every file pending, so that the caller can create the database and call again.
+        every file pending.
+      - V(create) creates it (C(ENCODING 'UTF8' TEMPLATE template0), the name quoted as an
+        identifier) and applies the migrations. Concurrent runs serialise on an advisory lock in
+        O(maintenance_db), so exactly one creates it. In check mode it is reported, not created.
     type: str
     default: fail
-    choices: [fail, report]
+    choices: [fail, report, create]
   unknown_versions:
     description:
       - Policy for versions recorded in the history that have no file (the database is newer than
@@ -217,7 +220,13 @@ EXAMPLES = r"""
 
 RETURN = r"""
 database_exists:
-  description: Whether O(login_db) exists (before this run created anything in it).
+  description:
+    - Whether O(login_db) exists after this run (created by it or by a concurrent run); in check
+      mode and with O(on_missing_database=report), whether it exists now.
+  returned: always
+  type: bool
+database_created:
+  description: Whether this run created O(login_db) (O(on_missing_database=create)).
   returned: always
   type: bool
 history_table:
@@ -306,6 +315,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 try:
     import psycopg2
     import psycopg2.errorcodes
+    import psycopg2.errors
     import psycopg2.extensions
     from psycopg2 import sql as pgsql
 except ImportError:
@@ -564,9 +574,9 @@ def make_plan(migrations: list[Migration], history: dict[int, dict], accepted_ch
     return Plan(pending, already_applied, accepted, drift)
 
 
-def advisory_key(schema: str, table: str) -> int:
-    """A stable signed 64-bit advisory lock key for one history table."""
-    digest = hashlib.sha256(f"pg_migrate:{schema}.{table}".encode()).digest()
+def advisory_key(*parts: str) -> int:
+    """A stable signed 64-bit advisory lock key, e.g. for one history table (schema, table)."""
+    digest = hashlib.sha256(("pg_migrate:" + ".".join(parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
@@ -708,19 +718,40 @@ class Migrator:
             " checksum_accepted_at timestamptz)").format(self.history_ident()))
 
     # The lock ----------------------------------------------------------------------------------------
-    def acquire_lock(self) -> float:
-        key = advisory_key(self.schema, self.table)
+    def acquire_lock(self, key: int, what: str) -> float:
+        """Take a session advisory lock, polling until lock_wait_timeout; return the wait in ms."""
         began = time.monotonic()
         deadline = began + self.p["lock_wait_timeout"]
         delay = 0.05
         while not self.query("SELECT pg_try_advisory_lock(%s)", (key,))[0][0]:
             if time.monotonic() >= deadline:
-                raise MigrationError(f"Another migration run holds the lock of {self.schema}.{self.table} in "
-                                     f"database {self.p['login_db']!r} after waiting {self.p['lock_wait_timeout']} s: "
-                                     f"{self.lock_holders(key)}. Wait for it to finish, or end that session")
+                raise MigrationError(f"Another run holds the lock of {what} after waiting "
+                                     f"{self.p['lock_wait_timeout']} s: {self.lock_holders(key)}. "
+                                     "Wait for it to finish, or end that session")
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
         return (time.monotonic() - began) * 1000
+
+    def create_database(self) -> bool:
+        """Create login_db from the maintenance database, once, whoever else is trying; True if this run did."""
+        name = self.p["login_db"]
+        key = advisory_key("create-database", name)
+        self.acquire_lock(key, f"the creation of database {name!r}")
+        try:
+            if self.query("SELECT 1 FROM pg_database WHERE datname = %s", (name,)):
+                return False
+            try:
+                self.query(pgsql.SQL("CREATE DATABASE {} ENCODING 'UTF8' TEMPLATE template0").format(
+                    pgsql.Identifier(name)))
+            except psycopg2.errors.InsufficientPrivilege:
+                user = self.p["login_user"]
+                raise MigrationError(
+                    f"Role {user!r} lacks the CREATEDB privilege needed to create database {name!r} on {self.where}: "
+                    f"run 'ALTER ROLE {user} CREATEDB', or have a DBA create the database (UTF8) and grant {user} "
+                    "CREATE on it") from None
+            return True
+        finally:
+            self.query("SELECT pg_advisory_unlock(%s)", (key,))
 
     def lock_holders(self, key: int) -> str:
         unsigned = key & 0xFFFFFFFFFFFFFFFF
@@ -829,30 +860,38 @@ class Migrator:
     # The run -------------------------------------------------------------------------------------------
     def run(self, migrations: list[Migration]) -> dict:
         check = self.module.check_mode
-        result: dict = {"changed": False, "database_exists": True, "adopting": False, "applied": [], "pending": [],
-                        "already_applied": [], "accepted": [], "drift": [], "lock_wait_ms": 0.0,
-                        "history_table": f"{self.schema}.{self.table}"}
+        result: dict = {"changed": False, "database_exists": True, "database_created": False, "adopting": False,
+                        "applied": [], "pending": [], "already_applied": [], "accepted": [], "drift": [],
+                        "lock_wait_ms": 0.0, "history_table": f"{self.schema}.{self.table}"}
+        mode = self.p["on_missing_database"]
         try:
             self.conn = self.connect(self.p["login_db"], read_only=check)
         except psycopg2.OperationalError as exc:
             # The server answered and the login is good, but the database is missing: confirm on the
             # maintenance database, so that a typo in the host is not reported as a missing database.
-            self.conn = self.connect(self.p["maintenance_db"], read_only=True)
+            self.conn = self.connect(self.p["maintenance_db"], read_only=check or mode != "create")
             result["server_version"] = self.server_version()
-            if self.p["on_missing_database"] == "fail" and not check:
+            if mode == "fail":
                 raise MigrationError(f"Database {self.p['login_db']!r} does not exist on {self.where}: "
-                                     "create it first (the stock_monitoring_db role does)") from exc
-            for mig in migrations:
-                mig.statements  # noqa: B018 - a broken file shows in the plan already
-            result.update(database_exists=False, pending=[m.summary() for m in migrations])
-            self.to_run = migrations
-            if self.p["expected_tables"] is not None:
-                result.update(tables=[], missing_tables=sorted(self.p["expected_tables"]), unexpected_tables=[])
-            return result
+                                     "create it first, or set on_missing_database=create") from exc
+            if check or mode == "report":
+                for mig in migrations:
+                    mig.statements  # noqa: B018 - a broken file shows in the plan already
+                result.update(database_exists=False, pending=[m.summary() for m in migrations],
+                              changed=check and mode == "create")
+                self.to_run = migrations
+                if self.p["expected_tables"] is not None:
+                    result.update(tables=[], missing_tables=sorted(self.p["expected_tables"]), unexpected_tables=[])
+                return result
+            result["database_created"] = result["changed"] = self.create_database()
+            self.conn.close()
+            self.conn = self.connect(self.p["login_db"], read_only=False)
 
         result["server_version"] = self.server_version()
         if not check:
-            result["lock_wait_ms"] = round(self.acquire_lock(), 3)
+            result["lock_wait_ms"] = round(self.acquire_lock(
+                advisory_key(self.schema, self.table),
+                f"{self.schema}.{self.table} in database {self.p['login_db']!r}"), 3)
         history_exists = self.history_exists()
         history = self.read_history() if history_exists else {}
         adopting = not history_exists and self.schema_has_tables()
@@ -931,7 +970,7 @@ def main() -> None:
         "schema": {"type": "str", "default": "public"},
         "history_table": {"type": "str", "default": "pg_migrate_history"},
         "expected_tables": {"type": "list", "elements": "str"},
-        "on_missing_database": {"type": "str", "default": "fail", "choices": ["fail", "report"]},
+        "on_missing_database": {"type": "str", "default": "fail", "choices": ["fail", "report", "create"]},
         "unknown_versions": {"type": "str", "default": "fail", "choices": ["fail", "warn"]},
         "out_of_order": {"type": "str", "default": "fail", "choices": ["fail", "apply"]},
         "accepted_changes": {"type": "list", "elements": "dict", "default": [], "options": {

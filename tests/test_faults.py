@@ -134,16 +134,17 @@ def test_lock_timeout_names_the_blocker_and_never_stalls_readers(tmp_path, db):
 def test_eight_deploys_at_once_against_a_server_without_the_database(tmp_path, db):
     env_file = tmp_path / ".env"
     env_file.write_text(env_text(db))
-    # Every CREATE DATABASE queues behind this lock, so all eight find the database missing and
-    # race for real when it is released.
+    # The first CREATE DATABASE queues behind this lock, so all eight deploys find the database
+    # missing and meet at its creation: one creates it, the others wait for it, none fails.
     gate = db.connect(dbname="postgres", autocommit=False)
     gate.cursor().execute("LOCK TABLE pg_catalog.pg_database IN SHARE MODE")
     procs = [start_playbook(DEPLOY, inventory=LOCAL, env={"STOCK_MONITORING_DB_ENV_FILE": str(env_file)})
              for _ in range(8)]
     try:
-        wait_for(lambda: db.query("SELECT count(*) FROM pg_locks WHERE relation = 'pg_catalog.pg_database'::regclass "
-                                  "AND NOT granted", dbname="postgres")[0][0] >= 8,
-                 "all eight CREATE DATABASE to queue", timeout=120)
+        wait_for(lambda: db.query(
+            "SELECT (SELECT count(*) FROM pg_locks WHERE relation = 'pg_catalog.pg_database'::regclass AND NOT granted),"
+            " (SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND datname = 'postgres')",
+            (APP,), dbname="postgres")[0] == (1, 8), "all eight deploys to meet at the creation", timeout=120)
     finally:
         gate.rollback()
         gate.close()
@@ -184,8 +185,9 @@ def test_missing_privileges_are_named(tmp_path, db):
     try:
         app_env = env_text(db, password=password, POSTGRES_USER=role)
         res = play(tmp_path, db, env=app_env)
-        assert res.rc != 0 and "The role needs the CREATEDB privilege" in res.output
-        assert "permission denied to create database" in res.output and password not in res.output
+        assert res.rc != 0 and password not in res.output
+        assert f"Role '{role}' lacks the CREATEDB privilege needed to create database '{db.name}'" in res.output
+        assert f"ALTER ROLE {role} CREATEDB" in res.output
         db.create()  # a DBA creates it, but grants nothing
         res = play(tmp_path, db, env=app_env)
         assert res.rc != 0

@@ -114,11 +114,15 @@ def test_edited_file_stops_the_run_until_that_exact_change_is_accepted(tmp_path,
 
 
 def test_check_mode_executes_nothing_and_reports_the_plan(tmp_path, db):
-    # The database does not exist yet.
-    res, run = run_module(tmp_path, "pg_migrate", module_params(db), check=True, diff=True)
+    # The database does not exist yet: the plan is to create it and apply everything.
+    res, run = run_module(tmp_path, "pg_migrate", module_params(db, on_missing_database="create"), check=True, diff=True)
     assert run.rc == 0, run.output
-    assert res["database_exists"] is False and [p["version"] for p in res["pending"]] == [22, 23]
+    assert res["database_exists"] is False and res["changed"] is True and res["database_created"] is False
+    assert [p["version"] for p in res["pending"]] == [22, 23]
     assert not db.exists()
+    # With the fail policy, check mode predicts the failure a real run would have.
+    res, run = run_module(tmp_path, "pg_migrate", module_params(db), check=True)
+    assert run.rc != 0 and "does not exist" in res["msg"]
     # It exists, empty.
     db.create()
     before = db.query("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")

@@ -13,7 +13,8 @@ from conftest import EXPECTED, LOCAL, MIGRATIONS, ROOT, env_text, play, recap, r
 def test_first_deploy_then_second_changes_nothing(tmp_path, db):
     first = play(tmp_path, db)
     assert first.rc == 0, first.output
-    assert recap(first.output)["localhost"]["changed"] == 2  # database created, migrations applied
+    assert recap(first.output)["localhost"]["changed"] == 1  # pg_migrate: database created, migrations applied
+    assert "database: created" in first.output
     assert "applied: 022_stock_monitoring_schema.sql in" in first.output
     assert db.tables() == sorted([*EXPECTED, "pg_migrate_history"])
     assert db.query("SELECT pg_encoding_to_char(encoding) FROM pg_database WHERE datname = %s", (db.name,),

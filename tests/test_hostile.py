@@ -1,0 +1,197 @@
+"""Hostile input: a fuzzed .env parser, identifiers from input, broken migration sets, secrets."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import uuid
+import warnings
+
+import dotenv
+import dotenv.parser
+import pytest
+from conftest import MIGRATIONS, Db, env_text, load_library, module_params, play, run_module
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+dr = load_library("dotenv_read")
+
+# Pieces that exercise every rule of the grammar, mixed with arbitrary text.
+PIECES = st.sampled_from([
+    "export ", "KEY", "POSTGRES_PASSWORD", "A", "=", " = ", "'", '"', "\\", "\\'", '\\"', "\\n", "#", " #", "\n",
+    "\r\n", "\r", "\t", " ", "${A}", "${B:-dflt}", "${", "}", ":-", "$A", "\ufeff", "é", "😀", "\x00", "\x0b", "'k k'",
+])
+DOTENV_TEXT = st.lists(st.one_of(PIECES, st.text(max_size=8)), max_size=40).map("".join)
+
+
+def python_dotenv(text: str) -> tuple[bool, dict]:
+    """What python-dotenv gives, and whether it had to skip a line it could not parse."""
+    broken = any(b.error for b in dotenv.parser.parse_stream(io.StringIO(text)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return broken, dict(dotenv.dotenv_values(stream=io.StringIO(text)))
+
+
+def ours(text: str) -> dict:
+    return dr.expand(dr.parse(text), dict(os.environ))
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(DOTENV_TEXT)
+def test_parser_agrees_with_python_dotenv_or_fails_clearly(text):
+    # Files are read in text mode, as python-dotenv reads them: line endings arrive as \n.
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    broken, expected = python_dotenv(text)
+    if broken:
+        with pytest.raises(dr.DotenvError, match=r"^\.env: line \d+ cannot be parsed"):
+            ours(text)
+    else:
+        assert ours(text) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_binary_garbage_is_refused_or_parsed_like_python_dotenv(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("env") / ".env"
+    path.write_bytes(data)
+    try:
+        text = dr.read_file(str(path))
+    except dr.DotenvError as exc:
+        assert str(exc).startswith(f"{path} is not UTF-8 text (invalid byte at offset ")
+        return
+    broken, expected = python_dotenv(text)
+    if broken:
+        with pytest.raises(dr.DotenvError):
+            ours(text)
+    else:
+        assert ours(text) == expected
+
+
+def test_huge_line_and_huge_file():
+    value = "x" * 2_000_000
+    assert ours(f"A={value}\n" + "B=1\n" * 50_000) == {"A": value, "B": "1"}
+
+
+def test_parse_errors_never_show_the_line():
+    with pytest.raises(dr.DotenvError) as err:
+        ours("OK=1\nSECRET=\"s3cr3t never closed\nX=2\n")
+    assert "s3cr3t" not in str(err.value) and "line 2" in str(err.value)
+
+
+# --- Identifiers from input are quoted -------------------------------------------------------------
+
+HOSTILE = ['we"ird; DROP TABLE x; --', "spa ce", "ünïcødé", "semi;colon", "q'uote"]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_identifiers_are_quoted(tmp_path, cluster, name):
+    db = Db(cluster, f"{name} {uuid.uuid4().hex[:6]}")
+    db.create_quoted = None
+    cluster_conn = db.connect("postgres")
+    cluster_conn.cursor().execute("SELECT 1")
+    cluster_conn.close()
+    try:
+        db.query('CREATE DATABASE "{}"'.format(db.name.replace('"', '""')), dbname="postgres")
+        schema, table = f"s {name}", f"h {name}"
+        quoted = '"{}"'.format(schema.replace('"', '""'))
+        files = {"001_t.sql": f"CREATE SCHEMA IF NOT EXISTS {quoted};\nCREATE TABLE {quoted}.t (id int);\n"}
+        res, run = run_module(tmp_path, "pg_migrate", module_params(db, schema=schema, history_table=table,
+                                                                    migrations=files, expected_tables=["t"]))
+        assert run.rc == 0, run.output
+        assert res["tables"] == ["t"] and res["missing_tables"] == []
+        rows = db.query("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                        "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 2")
+        assert rows == sorted([(schema, table), (schema, "t")], key=lambda r: r[1])
+        again, _ = run_module(tmp_path, "pg_migrate", module_params(db, schema=schema, history_table=table,
+                                                                   migrations=files))
+        assert again["changed"] is False
+    finally:
+        db.query('DROP DATABASE IF EXISTS "{}" WITH (FORCE)'.format(db.name.replace('"', '""')), dbname="postgres")
+
+
+def test_hostile_database_name_through_the_role(tmp_path, cluster):
+    db = Db(cluster, f'stock "monitoring"; DROP DATABASE postgres; -- {uuid.uuid4().hex[:6]}')
+    try:
+        res = play(tmp_path, db, env=env_text(db, POSTGRES_DB=f"'{db.name}'"))
+        assert res.rc == 0, res.output
+        assert db.exists() and db.tables()
+        assert db.query("SELECT 1 FROM pg_database WHERE datname = 'postgres'", dbname="postgres")
+    finally:
+        db.query('DROP DATABASE IF EXISTS "{}" WITH (FORCE)'.format(db.name.replace('"', '""')), dbname="postgres")
+
+
+# --- Migration sets --------------------------------------------------------------------------------
+
+def folder_with(tmp_path, files: dict[str, bytes | str]):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for name, content in files.items():
+        (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return folder
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"001_latin1.sql": b"CREATE TABLE t (v text DEFAULT '\xe9t\xe9');\n"},
+     "001_latin1.sql is not UTF-8 text (invalid byte at offset 32): save it as UTF-8"),
+    ({"001_empty.sql": "-- only a comment\n"}, "Migration 001_empty.sql holds no SQL statement"),
+    ({"001_a.sql": "SELECT 1;", "1_b.sql": "SELECT 2;"}, "Migrations 001_a.sql and 1_b.sql have the same version 1"),
+    ({"first.sql": "SELECT 1;"}, "Migration file name 'first.sql' does not match NNN_name.sql"),
+    ({"README.txt": "not a migration"}, "holds no .sql file"),
+])
+def test_broken_migration_sets_fail_clearly_and_change_nothing(tmp_path, db, files, message):
+    res = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(folder_with(tmp_path, files))})
+    assert res.rc != 0 and message in res.output, res.output
+    assert "Traceback" not in res.output
+    assert not db.exists() or not db.tables()
+
+
+def test_gaps_in_numbering_apply_in_numeric_order(tmp_path, db):
+    folder = folder_with(tmp_path, {"9_a.sql": "CREATE SCHEMA stock_monitoring;",
+                                    "10_b.sql": "CREATE TABLE stock_monitoring.b (id int);",
+                                    "100_c.sql": "CREATE TABLE stock_monitoring.c (id int);"})
+    res = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(folder),
+                                    "stock_monitoring_db_expected_tables": ["b", "c"]})
+    assert res.rc == 0, res.output
+    assert [r[0] for r in db.history()] == [9, 10, 100]
+
+
+# --- Secrets in every output ---------------------------------------------------------------------
+
+def secrets_of(password: str) -> list[str]:
+    return [password, base64.b64encode(password.encode()).decode()]
+
+
+@pytest.mark.parametrize("case", ["check", "deploy", "failing-migration", "server-down", "missing-key", "verify-drift"])
+def test_password_never_appears_at_vvvv(tmp_path, db, case):
+    report = tmp_path / "report.json"
+    extra: dict = {"stock_monitoring_db_report_file": str(report)}
+    args, env = ["-vvvv", "--diff"], env_text(db)
+    if case == "check":
+        args.append("--check")
+    elif case == "failing-migration":
+        extra["stock_monitoring_db_migrations_dir"] = str(folder_with(tmp_path, {
+            "022_stock_monitoring_schema.sql": (MIGRATIONS / "022_stock_monitoring_schema.sql").read_text(),
+            "023_bad.sql": "SELECT * FROM nowhere;"}))
+    elif case == "server-down":
+        env = env_text(db, POSTGRES_PORT="1")
+        extra["stock_monitoring_db_wait_timeout"] = 1
+    elif case == "missing-key":
+        env = env_text(db, POSTGRES_DB=None)
+    elif case == "verify-drift":
+        assert play(tmp_path, db).rc == 0
+        db.query("UPDATE stock_monitoring.pg_migrate_history SET checksum = 'edited' WHERE version = 22")
+        res = play(tmp_path, db, "verify-db.yml", env=env, args=args, extra=extra)
+        assert res.rc != 0 and "022_stock_monitoring_schema.sql (recorded edited" in res.output
+    res = play(tmp_path, db, env=env, args=args, extra=extra) if case != "verify-drift" else res
+    assert (res.rc == 0) == (case in ("check", "deploy")), res.output
+    texts = [res.output]
+    if report.exists():
+        texts.append(report.read_text())
+        json.loads(report.read_text())
+    if db.exists() and db.query("SELECT to_regclass('stock_monitoring.pg_migrate_history')")[0][0]:
+        texts.append(repr(db.query("SELECT * FROM stock_monitoring.pg_migrate_history")))
+    for text in texts:
+        for secret in secrets_of(db.cluster.password):
+            assert secret not in text
