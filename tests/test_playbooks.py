@@ -176,3 +176,9 @@ def test_env_in_json_report_and_history_have_no_secret(tmp_path, db):
     text = report.read_text() + repr(db.query("SELECT * FROM stock_monitoring.pg_migrate_history"))
     assert db.cluster.password not in text and base64.b64encode(db.cluster.password.encode()).decode() not in text
     assert Path(report).exists()
+
+
+def test_port_that_is_not_a_number_is_named(tmp_path, db):
+    res = play(tmp_path, db, env=env_text(db, POSTGRES_PORT="54x2"))
+    assert res.rc != 0
+    assert f"POSTGRES_PORT in {tmp_path / '.env'} is not a port number (digits only, e.g. 5432)" in res.output

@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""make bench: pg_migrate and deploy-db.yml measured side by side with the manual psql way.
+
+Everything runs in one go on one throwaway PostgreSQL (scripts/pgcluster.py), and the targets are
+ratios between runs of the same session, since this machine is shared and absolute times drift.
+Each figure is the median of several runs; every run uses a database of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from pgcluster import Cluster
+
+MIGRATIONS = ROOT / "roles" / "stock_monitoring_db" / "files" / "migrations"
+BIN = Path(sys.executable).parent
+# Actions that run on the controller; every other task result is a module execution on the host.
+CONTROLLER_ONLY = {"ansible.builtin.set_fact", "ansible.builtin.assert", "ansible.builtin.debug",
+                   "ansible.builtin.fail", "ansible.builtin.include_tasks", "ansible.builtin.validate_argument_spec"}
+
+
+class Bench:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.pg = Cluster(work / "pg")
+        self.pg.start()
+        self.env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_LIBRARY": str(ROOT / "library"),
+                    "ANSIBLE_ROLES_PATH": str(ROOT / "roles"),
+                    "ANSIBLE_LOOKUP_PLUGINS": str(ROOT / "roles" / "stock_monitoring_db" / "lookup_plugins")}
+
+    def fresh_db(self, create: bool = True) -> str:
+        name = f"b_{uuid.uuid4().hex[:10]}"
+        if create:
+            self.psql("postgres", ["-c", f"CREATE DATABASE {name}"])
+        return name
+
+    def psql(self, db: str, args: list[str]) -> None:
+        subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db, *args], check=True,
+                       env={**os.environ, **self.pg.env()}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def playbook(self, book: Path, extra: dict | None = None, env: dict | None = None,
+                 inventory: str = "localhost,") -> subprocess.CompletedProcess:
+        cmd = [str(BIN / "ansible-playbook"), str(book), "-i", inventory, "-c", "local",
+               "-e", json.dumps({"ansible_python_interpreter": sys.executable, **(extra or {})})]
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**self.env, **(env or {})}, cwd=ROOT)
+        if res.returncode:
+            sys.exit(f"bench: {book.name} failed:\n{res.stdout[-3000:]}{res.stderr[-2000:]}")
+        return res
+
+    def migrate_book(self) -> Path:
+        """One pg_migrate task, as the role runs it (files read on the controller by its lookup)."""
+        book = self.work / "migrate.yml"
+        task = {"name": "Apply the migrations", "pg_migrate": {
+            "login_host": "127.0.0.1", "login_port": self.pg.port, "login_user": "postgres",
+            "login_password": "{{ bench_password }}", "login_db": "{{ bench_db }}", "schema": "{{ bench_schema }}",
+            "migrations": "{{ lookup('migration_files', bench_dir) }}"}, "no_log": True}
+        book.write_text(json.dumps([{"hosts": "localhost", "gather_facts": False, "tasks": [task]}]))
+        return book
+
+    def ping_book(self) -> Path:
+        book = self.work / "ping.yml"
+        book.write_text(json.dumps([{"hosts": "localhost", "gather_facts": False,
+                                     "tasks": [{"name": "Ping", "ansible.builtin.ping": {}}]}]))
+        return book
+
+    def migrate(self, db: str, folder: Path, schema: str) -> None:
+        self.playbook(self.migrate_book(), {"bench_password": self.pg.password, "bench_db": db,
+                                            "bench_dir": str(folder), "bench_schema": schema})
+
+    def env_file(self, db: str) -> Path:
+        path = self.work / f"{db}.env"
+        path.write_text(f"POSTGRES_HOST=127.0.0.1\nPOSTGRES_PORT={self.pg.port}\nPOSTGRES_USER=postgres\n"
+                        f"POSTGRES_PASSWORD='{self.pg.password}'\nPOSTGRES_DB={db}\n")
+        return path
+
+    def deploy(self, db: str) -> subprocess.CompletedProcess:
+        return self.playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=str(ROOT / "inventory" / "local"),
+                             env={"STOCK_MONITORING_DB_ENV_FILE": str(self.env_file(db)),
+                                  "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"})
+
+
+def timed(action: Callable[[], object]) -> float:
+    began = time.perf_counter()
+    action()
+    return time.perf_counter() - began
+
+
+def median(runs: int, setup: Callable[[], object], action: Callable[[object], object]) -> float:
+    """Median wall time of action(setup()) over runs, the setup untimed."""
+    samples = []
+    for _ in range(runs):
+        state = setup()
+        samples.append(timed(lambda state=state: action(state)))
+    return statistics.median(samples)
+
+
+def interleaved(runs: int, a: Callable[[], object], b: Callable[[], object]) -> tuple[float, float]:
+    """Medians of a and b timed in alternation, so that the machine's drift falls on both alike."""
+    times_a, times_b = [], []
+    for _ in range(runs):
+        times_a.append(timed(a))
+        times_b.append(timed(b))
+    return statistics.median(times_a), statistics.median(times_b)
+
+
+def synthetic(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "001_bench_schema.sql").write_text("CREATE SCHEMA IF NOT EXISTS bench;\n")
+    for i in range(2, count + 1):
+        (folder / f"{i:03d}_table_{i}.sql").write_text(
+            f"CREATE TABLE IF NOT EXISTS bench.t_{i} (\n    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
+            f"    name text NOT NULL,\n    created_at timestamptz NOT NULL DEFAULT now()\n);\n"
+            f"CREATE INDEX IF NOT EXISTS t_{i}_name_idx ON bench.t_{i} (name);\n")
+    return folder
+
+
+def module_executions(result: subprocess.CompletedProcess) -> int:
+    tasks = json.loads(result.stdout[result.stdout.index("{"):])["plays"][0]["tasks"]
+    return sum(1 for t in tasks for r in t["hosts"].values()
+               if r.get("action") not in CONTROLLER_ONLY and not r.get("skipped"))
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="smdb-bench-"))
+    os.chmod(work, 0o755)
+    b = Bench(work)
+    rows: list[tuple[str, str, str, str]] = []
+    try:
+        real = sorted(MIGRATIONS.glob("*.sql"))
+        files500 = sorted(synthetic(work / "m500", 500).glob("*.sql"))
+        files2 = synthetic(work / "m2", 2)
+
+        print("bench: 022+023, fresh and no-op (5 runs each)", flush=True)
+        pgm_fresh = median(5, b.fresh_db, lambda db: b.migrate(db, MIGRATIONS, "stock_monitoring"))
+        psql_fresh = median(5, b.fresh_db, lambda db: [b.psql(db, ["-f", str(f)]) for f in real])
+
+        def applied_db(run: Callable[[str], object]) -> Callable[[], str]:
+            def setup() -> str:
+                db = b.fresh_db()
+                run(db)
+                return db
+            return setup
+
+        pgm_noop = median(5, applied_db(lambda db: b.migrate(db, MIGRATIONS, "stock_monitoring")),
+                          lambda db: b.migrate(db, MIGRATIONS, "stock_monitoring"))
+        psql_noop = median(5, applied_db(lambda db: [b.psql(db, ["-f", str(f)]) for f in real]),
+                           lambda db: [b.psql(db, ["-f", str(f)]) for f in real])
+        rows += [("022+023 on an empty database", f"{pgm_fresh:.2f} s", f"{psql_fresh:.2f} s (psql -f per file)",
+                  f"{pgm_fresh / psql_fresh:.1f}x"),
+                 ("022+023 again (no-op)", f"{pgm_noop:.2f} s", f"{psql_noop:.2f} s (psql -f per file)",
+                  f"{pgm_noop / psql_noop:.1f}x")]
+
+        print("bench: 500 synthetic migrations (3 runs each)", flush=True)
+        ping = median(5, lambda: None, lambda _: b.playbook(b.ping_book()))
+        psql500 = median(3, b.fresh_db, lambda db: b.psql(db, [arg for f in files500 for arg in ("-f", str(f))]))
+        pgm500 = median(3, b.fresh_db, lambda db: b.migrate(db, work / "m500", "bench"))
+        noop500 = median(5, applied_db(lambda db: b.migrate(db, work / "m500", "bench")),
+                         lambda db: b.migrate(db, work / "m500", "bench"))
+        noop2 = median(5, applied_db(lambda db: b.migrate(db, files2, "bench")), lambda db: b.migrate(db, files2, "bench"))
+        fresh_ratio, noop_ratio = pgm500 / (psql500 + ping), noop500 / noop2
+        rows += [("500 migrations on an empty database", f"{pgm500:.2f} s",
+                  f"{psql500:.2f} s (one psql session) + {ping:.2f} s (ping play) = {psql500 + ping:.2f} s",
+                  f"{fresh_ratio:.2f}x (target <= 1.4x)"),
+                 ("no-op over 500 applied files", f"{noop500:.2f} s", f"{noop2:.2f} s (no-op over 2 files)",
+                  f"{noop_ratio:.2f}x (target <= 1.1x)")]
+
+        print("bench: whole no-op deploy-db.yml against the ping play (9 runs each, alternating)", flush=True)
+        noop_db = applied_db(b.deploy)()
+        deploy_noop, ping = interleaved(9, lambda: b.deploy(noop_db), lambda: b.playbook(b.ping_book()))
+        execs = module_executions(b.deploy(applied_db(b.deploy)()))
+        first_execs = module_executions(b.deploy(b.fresh_db(create=False)))
+        deploy_ratio = deploy_noop / ping
+        rows += [("no-op deploy-db.yml (whole play)", f"{deploy_noop:.2f} s", f"{ping:.2f} s (one-task ping play)",
+                  f"{deploy_ratio:.2f}x (target <= 2x)"),
+                 ("module executions per host", f"{execs} no-op, {first_execs} first deploy", "1 (ping)",
+                  "target <= 2")]
+
+        print("bench: 8 concurrent first deploys of one database against one (3 runs)", flush=True)
+        one = median(3, lambda: b.fresh_db(create=False), b.deploy)
+
+        def eight(db: str) -> None:
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda _: b.deploy(db), range(8)))
+
+        eight_t = median(3, lambda: b.fresh_db(create=False), eight)
+        rows.append(("8 concurrent first deploys, one database", f"{eight_t:.2f} s", f"{one:.2f} s (one deploy)",
+                     f"{eight_t / one:.1f}x"))
+    finally:
+        b.pg.stop("immediate")
+        shutil.rmtree(work, ignore_errors=True)
+
+    header = ("measure", "this project", "reference (same run)", "ratio")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    line = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
+    print()
+    print(line.format(*header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print(line.format(*row))
+    ok = fresh_ratio <= 1.4 and noop_ratio <= 1.1 and deploy_ratio <= 2 and execs <= 2
+    print(f"\nbench: targets {'met' if ok else 'NOT met'} ({os.cpu_count()} cores, PostgreSQL {b.pg.bindir.parent.name})")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
