@@ -10,13 +10,13 @@ SCENARIOS := default adopt failing-migration no-psycopg2
 export MOLECULE_POSTGRES_IMAGE ?= stock-monitoring-db/postgres:15
 export MOLECULE_DEPLOY_HOST_IMAGE ?= stock-monitoring-db/deploy-host:12
 
-.PHONY: help setup host-deps lint pytest molecule images test demo demo-stop bench soak clean
+.PHONY: help setup host-deps lint pytest molecule images test demo demo-stop bench clean
 
 help:
 	@echo "make demo       throwaway PostgreSQL + deploy twice + verify (make demo-stop to end it)"
 	@echo "make test       lint, pytest against real PostgreSQL, every Molecule scenario (what CI runs)"
 	@echo "make setup      the .venv with ansible, psycopg2 and the test tools"
-	@echo "make lint | pytest | molecule | bench | soak"
+	@echo "make lint | pytest | molecule | bench | clean"
 
 setup: $(VENV)/.installed
 
@@ -62,9 +62,6 @@ demo-stop:
 
 bench: setup host-deps
 	python scripts/bench.py
-
-soak: setup host-deps
-	python -m pytest -q -m soak tests
 
 clean:
 	-scripts/demo.sh stop

@@ -985,7 +985,7 @@ def main() -> None:
     }
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
     if PSYCOPG2_IMPORT_ERROR:
-        module.fail_json(msg=missing_required_lib("psycopg2"), missing_library="psycopg2")
+        module.fail_json(msg=missing_required_lib("psycopg2"), missing_library="psycopg2", exception=PSYCOPG2_IMPORT_ERROR)
 
     for option in ("lock_timeout", "statement_timeout"):
         if not TIMEOUT_RE.match(module.params[option]):
