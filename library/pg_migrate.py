@@ -29,7 +29,8 @@ description:
     file runs, and one that created no catalog object is recorded with C(adopted=true).
   - In check mode nothing is executed but read-only catalog queries on a read-only connection; the
     result is the exact plan. It works when the database does not exist yet (the plan is then
-    every file). With C(--diff) the SQL of the files that would run is shown.
+    every file), and fails as the run would when the login lacks the privilege to create the
+    database or the schema. With C(--diff) the SQL of the files that would run is shown.
 version_added: "1.0.0"
 author:
   - Stock Monitoring team (@stock-monitoring)
@@ -732,6 +733,16 @@ class Migrator:
             delay = min(delay * 2, 0.5)
         return (time.monotonic() - began) * 1000
 
+    def no_createdb(self) -> MigrationError:
+        user, name = self.p["login_user"], self.p["login_db"]
+        return MigrationError(
+            f"Role {user!r} lacks the CREATEDB privilege needed to create database {name!r} on {self.where}: "
+            f"run 'ALTER ROLE {user} CREATEDB', or have a DBA create the database (UTF8) and grant {user} "
+            "CREATE on it")
+
+    def can_create_databases(self) -> bool:
+        return bool(self.query("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user")[0][0])
+
     def create_database(self) -> bool:
         """Create login_db from the maintenance database, once, whoever else is trying; True if this run did."""
         name = self.p["login_db"]
@@ -744,11 +755,7 @@ class Migrator:
                 self.query(pgsql.SQL("CREATE DATABASE {} ENCODING 'UTF8' TEMPLATE template0").format(
                     pgsql.Identifier(name)))
             except psycopg2.errors.InsufficientPrivilege:
-                user = self.p["login_user"]
-                raise MigrationError(
-                    f"Role {user!r} lacks the CREATEDB privilege needed to create database {name!r} on {self.where}: "
-                    f"run 'ALTER ROLE {user} CREATEDB', or have a DBA create the database (UTF8) and grant {user} "
-                    "CREATE on it") from None
+                raise self.no_createdb() from None
             return True
         finally:
             self.query("SELECT pg_advisory_unlock(%s)", (key,))
@@ -874,6 +881,8 @@ class Migrator:
             if mode == "fail":
                 raise MigrationError(f"Database {self.p['login_db']!r} does not exist on {self.where}: "
                                      "create it first, or set on_missing_database=create") from exc
+            if check and mode == "create" and not self.can_create_databases():
+                raise self.no_createdb() from None  # the plan predicts the failure the deploy would have
             if check or mode == "report":
                 for mig in migrations:
                     mig.statements  # noqa: B018 - a broken file shows in the plan already
@@ -905,13 +914,13 @@ class Migrator:
         for d in plan.drift:
             if d["kind"] == "unknown":
                 self.module.warn(f"Version {d['version']} ({d['name']}) is in the history but has no file")
+        if plan.pending:
+            self.check_privileges()  # in check mode too: the plan predicts the failure
         if check:
             result["pending"] = [m.summary() for m in plan.pending]
             self.to_run = plan.pending
             result["changed"] = bool(plan.pending or plan.accepted)
         else:
-            if plan.pending:
-                self.check_privileges()
             for change in plan.accepted:
                 self.accept(change)
                 result["changed"] = True

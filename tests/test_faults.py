@@ -184,11 +184,16 @@ def test_missing_privileges_are_named(tmp_path, db):
     db.query(f"CREATE ROLE {role} LOGIN NOCREATEDB PASSWORD %s", (password,), dbname="postgres")
     try:
         app_env = env_text(db, password=password, POSTGRES_USER=role)
+        # --check predicts each failure that the deploy then has, and changes nothing.
+        res = play(tmp_path, db, env=app_env, args=["--check"])
+        assert res.rc != 0 and f"Role '{role}' lacks the CREATEDB privilege" in res.output and not db.exists()
         res = play(tmp_path, db, env=app_env)
         assert res.rc != 0 and password not in res.output
         assert f"Role '{role}' lacks the CREATEDB privilege needed to create database '{db.name}'" in res.output
         assert f"ALTER ROLE {role} CREATEDB" in res.output
         db.create()  # a DBA creates it, but grants nothing
+        res = play(tmp_path, db, env=app_env, args=["--check"])
+        assert res.rc != 0 and f"Role '{role}' lacks the CREATE privilege on database '{db.name}'" in res.output
         res = play(tmp_path, db, env=app_env)
         assert res.rc != 0
         assert f"Role '{role}' lacks the CREATE privilege on database '{db.name}'" in res.output
