@@ -924,19 +924,14 @@ class Migrator:
             for change in plan.accepted:
                 self.accept(change)
                 result["changed"] = True
-            remaining = list(plan.pending)
-            needs_history = not history_exists
-            try:
-                while remaining:
-                    mig = remaining[0]
-                    result["applied"].append(self.apply(mig, needs_history, adopting))
-                    self.to_run.append(remaining.pop(0))
-                    needs_history = False
-                    result["changed"] = True
-            except MigrationError as exc:
-                exc.details.update(applied=result["applied"], pending=[m.summary() for m in remaining])
-                raise
-            result["pending"] = []
+            for index, mig in enumerate(plan.pending):
+                try:
+                    result["applied"].append(self.apply(mig, not history_exists and index == 0, adopting))
+                except MigrationError as exc:
+                    exc.details.update(applied=result["applied"], pending=[m.summary() for m in plan.pending[index:]])
+                    raise
+                self.to_run.append(mig)
+                result["changed"] = True
         if self.p["expected_tables"] is not None:
             actual = self.tables()
             expected = set(self.p["expected_tables"])
