@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psycopg2
 import pytest
+from psycopg2 import sql
 
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = ROOT / "roles" / "stock_monitoring_db" / "files" / "migrations"
@@ -71,18 +72,22 @@ class Db:
         conn.autocommit = autocommit
         return conn
 
-    def query(self, sql: str, args: tuple = (), dbname: str | None = None) -> list[tuple]:
+    def query(self, statement: str | sql.Composable, args: tuple = (), dbname: str | None = None) -> list[tuple]:
         conn = self.connect(dbname)
         try:
             with conn.cursor() as cur:
-                cur.execute(sql, args)
+                cur.execute(statement, args)
                 return cur.fetchall() if cur.description else []
         finally:
             conn.close()
 
     def create(self) -> Db:
-        self.query(f'CREATE DATABASE "{self.name}"', dbname="postgres")
+        self.query(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.name)), dbname="postgres")
         return self
+
+    def drop(self) -> None:
+        self.query(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.name)),
+                   dbname="postgres")
 
     def exists(self) -> bool:
         return bool(self.query("SELECT 1 FROM pg_database WHERE datname = %s", (self.name,), dbname="postgres"))
@@ -107,8 +112,7 @@ def db(cluster) -> Db:
     """A fresh, not yet created database name."""
     d = Db(cluster, f"t_{uuid.uuid4().hex[:10]}")
     yield d
-    if d.exists():
-        d.query(f'DROP DATABASE "{d.name}" WITH (FORCE)', dbname="postgres")
+    d.drop()
 
 
 def ansible_env(extra: dict | None = None) -> dict:
@@ -189,6 +193,16 @@ def module_params(db: Db, **overrides) -> dict:
               "migrations": read_migrations(MIGRATIONS), "expected_tables": EXPECTED, "lock_wait_timeout": 30}
     params.update(overrides)
     return params
+
+
+def write_migrations(folder: Path, files: dict[str, str | bytes], with_real: bool = False) -> Path:
+    """A migrations directory: the files given (bytes as they are), after 022/023 when with_real."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if with_real:
+        files = {**read_migrations(MIGRATIONS), **files}
+    for name, content in files.items():
+        (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return folder
 
 
 def read_migrations(folder: Path) -> dict[str, str]:

@@ -11,19 +11,10 @@ import time
 import uuid
 from pathlib import Path
 
-from conftest import LOCAL, MIGRATIONS, ROOT, Db, env_text, finish, play, start_playbook, wait_for
+from conftest import LOCAL, MIGRATIONS, ROOT, Db, env_text, finish, play, start_playbook, wait_for, write_migrations
 
 DEPLOY = ROOT / "playbooks" / "deploy-db.yml"
 APP = "stock-monitoring-db"
-
-
-def migrations_with(folder: Path, extra: dict[str, str]) -> Path:
-    folder.mkdir(exist_ok=True)
-    for f in MIGRATIONS.glob("*.sql"):
-        (folder / f.name).write_text(f.read_text())
-    for name, text in extra.items():
-        (folder / name).write_text(text)
-    return folder
 
 
 SLOW = {"024_slow.sql": "CREATE TABLE stock_monitoring.slow_a (id int);\nSELECT pg_sleep(3);\n"
@@ -58,7 +49,7 @@ def assert_consistent(db: Db, applied: list[int]) -> None:
 
 def test_server_killed_during_a_migration(tmp_path, own_cluster):
     db = Db(own_cluster, "killed")
-    proc = background_deploy(tmp_path, db, migrations_with(tmp_path / "m", SLOW))
+    proc = background_deploy(tmp_path, db, write_migrations(tmp_path / "m", SLOW, with_real=True))
     wait_for(lambda: db.exists() and active(db, "%pg_sleep%"), "the slow migration to run")
     os.kill(own_cluster.postmaster_pid(), signal.SIGKILL)
     res = finish(proc)
@@ -84,7 +75,7 @@ def _start(cluster) -> bool:
 
 
 def test_connection_terminated_by_the_server(tmp_path, db):
-    proc = background_deploy(tmp_path, db, migrations_with(tmp_path / "m", SLOW))
+    proc = background_deploy(tmp_path, db, write_migrations(tmp_path / "m", SLOW, with_real=True))
     wait_for(lambda: db.exists() and active(db, "%pg_sleep%"), "the slow migration to run")
     pid = active(db, "%pg_sleep%")[0][0]
     db.query("SELECT pg_terminate_backend(%s)", (pid,), dbname="postgres")
@@ -107,7 +98,7 @@ def test_lock_timeout_names_the_blocker_and_never_stalls_readers(tmp_path, db):
     cur.execute("SET application_name = 'long-report'")
     cur.execute("SELECT count(*) FROM stock_monitoring.alerts")  # holds ACCESS SHARE until it ends
     alter = "ALTER TABLE stock_monitoring.alerts ADD COLUMN note text;\n"
-    folder = migrations_with(tmp_path / "m", {"024_alter.sql": alter})
+    folder = write_migrations(tmp_path / "m", {"024_alter.sql": alter}, with_real=True)
     started = time.monotonic()
     proc = background_deploy(tmp_path, db, folder, stock_monitoring_db_lock_timeout="1s")
     wait_for(lambda: db.query("SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE NOT l.granted "
@@ -218,8 +209,7 @@ def test_missing_privileges_are_named(tmp_path, db):
         assert res.rc == 0, res.output
         assert db.query("SELECT tableowner FROM pg_tables WHERE tablename = 'alerts'") == [(role,)]
     finally:
-        if db.exists():
-            db.query(f'DROP DATABASE "{db.name}" WITH (FORCE)', dbname="postgres")
+        db.drop()
         db.query(f"DROP ROLE {role}", dbname="postgres")
 
 
@@ -238,7 +228,7 @@ def test_a_deploy_waiting_on_create_index_concurrently_never_deadlocks(tmp_path,
              "SELECT 'u' || i, 'SYM' || mod(i, 500), 'price_above', 1 FROM generate_series(1, 20000) i")
     index = ("-- pg_migrate:no-transaction\nSELECT pg_sleep(2);\n"
              "CREATE INDEX CONCURRENTLY IF NOT EXISTS alerts_created_idx ON stock_monitoring.alerts (created_at);\n")
-    folder = migrations_with(tmp_path / "m", {"024_index.sql": index})
+    folder = write_migrations(tmp_path / "m", {"024_index.sql": index}, with_real=True)
     first = background_deploy(tmp_path, db, folder)
     wait_for(lambda: active(db, "%pg_sleep%"), "the first deploy to start 024")
     (tmp_path / "second").mkdir()

@@ -12,7 +12,7 @@ import warnings
 import dotenv
 import dotenv.parser
 import pytest
-from conftest import MIGRATIONS, Db, env_text, load_library, module_params, play, run_module
+from conftest import MIGRATIONS, Db, env_text, load_library, module_params, play, run_module, write_migrations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -87,13 +87,8 @@ HOSTILE = ['we"ird; DROP TABLE x; --', "spa ce", "ünïcødé", "semi;colon", "q
 
 @pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_identifiers_are_quoted(tmp_path, cluster, name):
-    db = Db(cluster, f"{name} {uuid.uuid4().hex[:6]}")
-    db.create_quoted = None
-    cluster_conn = db.connect("postgres")
-    cluster_conn.cursor().execute("SELECT 1")
-    cluster_conn.close()
+    db = Db(cluster, f"{name} {uuid.uuid4().hex[:6]}").create()
     try:
-        db.query('CREATE DATABASE "{}"'.format(db.name.replace('"', '""')), dbname="postgres")
         schema, table = f"s {name}", f"h {name}"
         quoted = '"{}"'.format(schema.replace('"', '""'))
         files = {"001_t.sql": f"CREATE SCHEMA IF NOT EXISTS {quoted};\nCREATE TABLE {quoted}.t (id int);\n"}
@@ -108,7 +103,7 @@ def test_hostile_identifiers_are_quoted(tmp_path, cluster, name):
                                                                    migrations=files))
         assert again["changed"] is False
     finally:
-        db.query('DROP DATABASE IF EXISTS "{}" WITH (FORCE)'.format(db.name.replace('"', '""')), dbname="postgres")
+        db.drop()
 
 
 def test_hostile_database_name_through_the_role(tmp_path, cluster):
@@ -119,18 +114,10 @@ def test_hostile_database_name_through_the_role(tmp_path, cluster):
         assert db.exists() and db.tables()
         assert db.query("SELECT 1 FROM pg_database WHERE datname = 'postgres'", dbname="postgres")
     finally:
-        db.query('DROP DATABASE IF EXISTS "{}" WITH (FORCE)'.format(db.name.replace('"', '""')), dbname="postgres")
+        db.drop()
 
 
 # --- Migration sets --------------------------------------------------------------------------------
-
-def folder_with(tmp_path, files: dict[str, bytes | str]):
-    folder = tmp_path / "m"
-    folder.mkdir()
-    for name, content in files.items():
-        (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
-    return folder
-
 
 @pytest.mark.parametrize("files, message", [
     ({"001_latin1.sql": b"CREATE TABLE t (v text DEFAULT '\xe9t\xe9');\n"},
@@ -141,14 +128,14 @@ def folder_with(tmp_path, files: dict[str, bytes | str]):
     ({"README.txt": "not a migration"}, "holds no .sql file"),
 ])
 def test_broken_migration_sets_fail_clearly_and_change_nothing(tmp_path, db, files, message):
-    res = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(folder_with(tmp_path, files))})
+    res = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(write_migrations(tmp_path / "m", files))})
     assert res.rc != 0 and message in res.output, res.output
     assert "Traceback" not in res.output
     assert not db.exists() or not db.tables()
 
 
 def test_gaps_in_numbering_apply_in_numeric_order(tmp_path, db):
-    folder = folder_with(tmp_path, {"9_a.sql": "CREATE SCHEMA stock_monitoring;",
+    folder = write_migrations(tmp_path / "m", {"9_a.sql": "CREATE SCHEMA stock_monitoring;",
                                     "10_b.sql": "CREATE TABLE stock_monitoring.b (id int);",
                                     "100_c.sql": "CREATE TABLE stock_monitoring.c (id int);"})
     res = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(folder),
@@ -171,7 +158,7 @@ def test_password_never_appears_at_vvvv(tmp_path, db, case):
     if case == "check":
         args.append("--check")
     elif case == "failing-migration":
-        extra["stock_monitoring_db_migrations_dir"] = str(folder_with(tmp_path, {
+        extra["stock_monitoring_db_migrations_dir"] = str(write_migrations(tmp_path / "m", {
             "022_stock_monitoring_schema.sql": (MIGRATIONS / "022_stock_monitoring_schema.sql").read_text(),
             "023_bad.sql": "SELECT * FROM nowhere;"}))
     elif case == "server-down":

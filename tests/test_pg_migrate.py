@@ -14,13 +14,6 @@ from conftest import EXPECTED, MIGRATIONS, ROOT, ansible_env, load_library, modu
 pm = load_library("pg_migrate")
 
 
-def write(folder: Path, files: dict[str, str]) -> dict[str, str]:
-    folder.mkdir(exist_ok=True)
-    for name, text in files.items():
-        (folder / name).write_text(text)
-    return files
-
-
 def test_fresh_apply_then_noop(tmp_path, db):
     db.create()
     res, run = run_module(tmp_path, "pg_migrate", module_params(db, source="pytest fresh"))
@@ -57,12 +50,12 @@ def test_adopts_a_database_migrated_by_hand_with_psql(tmp_path, db):
 
 def test_failing_file_leaves_no_trace_and_names_file_line_and_sqlstate(tmp_path, db):
     db.create()
-    files = write(tmp_path / "m", {
+    files = {
         "001_ok.sql": "CREATE SCHEMA IF NOT EXISTS stock_monitoring;\nCREATE TABLE stock_monitoring.a (id int);\n",
         "002_bad.sql": "CREATE TABLE stock_monitoring.b (id int);\n\n-- the next statement fails\n"
                        "INSERT INTO stock_monitoring.b\n  SELECT * FROM stock_monitoring.missing;\n",
         "003_later.sql": "CREATE TABLE stock_monitoring.c (id int);\n",
-    })
+    }
     res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations=files, expected_tables=None))
     assert run.rc != 0
     assert "Migration 002_bad.sql failed at line 5 (statement 2): SQLSTATE 42P01 undefined_table" in res["msg"]
@@ -77,7 +70,7 @@ def test_failing_file_leaves_no_trace_and_names_file_line_and_sqlstate(tmp_path,
 
 def test_failure_of_the_first_file_leaves_no_schema_nor_history(tmp_path, db):
     db.create()
-    files = write(tmp_path / "m", {"001_bad.sql": "CREATE SCHEMA stock_monitoring;\nSELECT 1/0;\n"})
+    files = {"001_bad.sql": "CREATE SCHEMA stock_monitoring;\nSELECT 1/0;\n"}
     res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations=files, expected_tables=None))
     assert run.rc != 0 and "SQLSTATE 22012 division_by_zero" in res["msg"] and "line 2" in res["msg"]
     assert not db.query("SELECT 1 FROM pg_namespace WHERE nspname = 'stock_monitoring'")
@@ -85,8 +78,7 @@ def test_failure_of_the_first_file_leaves_no_schema_nor_history(tmp_path, db):
 
 def test_edited_file_stops_the_run_until_that_exact_change_is_accepted(tmp_path, db):
     db.create()
-    folder = tmp_path / "m"
-    files = write(folder, {p.name: p.read_text() for p in MIGRATIONS.glob("*.sql")})
+    files = {p.name: p.read_text() for p in MIGRATIONS.glob("*.sql")}
     run_module(tmp_path, "pg_migrate", module_params(db, migrations=files))
     old = pm.checksum(files["022_stock_monitoring_schema.sql"])
 
@@ -194,12 +186,12 @@ def test_lock_wait_deadline_names_the_holder(tmp_path, db):
 
 def test_non_transactional_file_runs_create_index_concurrently(tmp_path, db):
     db.create()
-    files = write(tmp_path / "m", {
+    files = {
         "001_t.sql": "CREATE SCHEMA IF NOT EXISTS stock_monitoring;\nCREATE TABLE stock_monitoring.t (a int, b int);\n",
         "002_idx.sql": "-- pg_migrate:no-transaction\n"
                        "CREATE INDEX CONCURRENTLY IF NOT EXISTS t_a ON stock_monitoring.t (a);\n"
                        "CREATE INDEX CONCURRENTLY IF NOT EXISTS t_b ON stock_monitoring.t (nope);\n",
-    })
+    }
     res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations=files, expected_tables=None))
     assert run.rc != 0
     assert "002_idx.sql failed at line 3 (statement 2)" in res["msg"] and "stayed committed" in res["msg"]
