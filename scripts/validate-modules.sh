@@ -9,8 +9,13 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 work="$root/build/validate-modules"
 coll="$work/ansible_collections/stock_monitoring/db"
 rm -rf "$work"
-mkdir -p "$coll/plugins/modules" "$coll/meta" "$coll/tests/sanity"
+mkdir -p "$coll/plugins/modules" "$coll/plugins/module_utils" "$coll/meta" "$coll/tests/sanity"
 cp "$root"/library/*.py "$coll/plugins/modules/"
+cp "$root"/module_utils/*.py "$coll/plugins/module_utils/"
+# Our module_utils import as ansible.module_utils.<name> (ansible.cfg module_utils); in a collection
+# they live under the collection's own name.
+sed -i 's/ansible\.module_utils\.pg_migrate_/ansible_collections.stock_monitoring.db.plugins.module_utils.pg_migrate_/' \
+  "$coll"/plugins/modules/*.py "$coll"/plugins/module_utils/*.py
 printf 'namespace: stock_monitoring\nname: db\nversion: 1.0.0\nreadme: README.md\nauthors: [Stock Monitoring team]\n' > "$coll/galaxy.yml"
 printf 'requires_ansible: ">=2.17"\n' > "$coll/meta/runtime.yml"
 touch "$coll/README.md"

@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+import ansible.module_utils
 import psycopg2
 import pytest
 from psycopg2 import sql
@@ -26,10 +27,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from pgcluster import Cluster
 
+# Our module_utils import as ansible.module_utils.<name>, as they do inside a module run.
+ansible.module_utils.__path__.append(str(ROOT / "module_utils"))
 
-def load_library(name: str):
-    """Import a module of library/ to test its plain functions."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "library" / f"{name}.py")
+
+def load_library(name: str, folder: str = "library"):
+    """Import a module of library/ (or a plugin of another folder) to test its plain functions."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
@@ -117,6 +121,7 @@ def db(cluster) -> Db:
 
 def ansible_env(extra: dict | None = None) -> dict:
     env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_LIBRARY": str(ROOT / "library"),
+           "ANSIBLE_MODULE_UTILS": str(ROOT / "module_utils"), "ANSIBLE_ACTION_PLUGINS": str(ROOT / "action_plugins"),
            "ANSIBLE_ROLES_PATH": str(ROOT / "roles"), "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
     env.pop("PGPASSWORD", None)
     env.update(extra or {})

@@ -1,11 +1,18 @@
-"""pg_migrate's plain functions: names, checksums, SQL splitting, planning and policies."""
+"""Planning, without a server: file names, checksums, the plan against the history, and its policies."""
 
 from __future__ import annotations
 
 import pytest
+from ansible.module_utils import pg_migrate_plan as pm
+from ansible.module_utils import pg_migrate_session as session
 from conftest import MIGRATIONS, load_library, read_migrations
 
-pm = load_library("pg_migrate")
+sql = load_library("pg_migrate", "action_plugins")
+
+
+def load(files: dict):
+    """Files as the module gets them: with the action plugin's analysis."""
+    return pm.load_migrations(files, {name: sql.analyse(name, text) for name, text in files.items()})
 
 
 def test_checksum_ignores_line_endings_bom_and_trailing_space():
@@ -17,40 +24,10 @@ def test_checksum_ignores_line_endings_bom_and_trailing_space():
     assert pm.checksum(base) != pm.checksum(base.replace("a (", "b ("))
 
 
-def test_split_honours_quotes_comments_and_dollar_quotes():
-    sql = (
-        "-- leading; comment\n"
-        "CREATE TABLE t (v text DEFAULT 'a;b''c');\n"
-        "/* block; /* nested; */ still; */\n"
-        "CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $body$ BEGIN RETURN ';'; END $body$;\n"
-        "SELECT E'it\\'s;', \"we;ird\" FROM t;\n"
-        "CREATE FUNCTION g() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; SELECT CASE WHEN true THEN 2 END; END;\n"
-        "SELECT $1::text\n"
-    )
-    stmts = pm.split_statements(sql)
-    assert [s.line for s in stmts] == [2, 4, 5, 6, 7]
-    assert stmts[0].text == "CREATE TABLE t (v text DEFAULT 'a;b''c');"
-    assert stmts[1].text.endswith("$body$;")
-    assert "BEGIN ATOMIC" in stmts[3].text and stmts[3].text.endswith("END;")
-    assert stmts[4].text == "SELECT $1::text"
-
-
-@pytest.mark.parametrize("sql, message", [
-    ("SELECT 'open;\n", "quote opened at line 1 is never closed"),
-    ("SELECT 1;\n/* open\n", "comment opened at line 2 is never closed"),
-    ("SELECT $x$ open;\n", "dollar quote $x$ opened at line 1"),
-    ("SELECT 1;\n\\i other.sql\n", "line 2 is a psql meta-command"),
-])
-def test_split_rejects_broken_sql_with_the_line(sql, message):
-    with pytest.raises(pm.MigrationError, match=message.replace("$", r"\$")):
-        pm.split_statements(sql, "001_x.sql")
-
-
 def test_real_migrations_load_in_order():
-    migs = pm.load_migrations(read_migrations(MIGRATIONS))
+    migs = load(read_migrations(MIGRATIONS))
     assert [m.version for m in migs] == [22, 23]
-    assert all(m.transactional for m in migs)
-    assert len(migs[0].statements) == 9
+    assert all(m.transactional and m.problem is None for m in migs)
 
 
 @pytest.mark.parametrize("files, message", [
@@ -59,21 +36,26 @@ def test_real_migrations_load_in_order():
     ({"abc.sql": "SELECT 1;"}, "does not match NNN_name.sql"),
     ({"001_x.SQL": "SELECT 1;"}, "does not match"),
     ({"001_empty.sql": "-- nothing here\n\n"}, "holds no SQL statement"),
-    ({"001_tx.sql": "BEGIN;\nSELECT 1;\nCOMMIT;"}, "line 1 starts with BEGIN"),
+    ({"001_tx.sql": "BEGIN;\nSELECT 1;\nCOMMIT;"}, "line 1: it starts with BEGIN"),
 ])
 def test_bad_file_sets_are_refused(files, message):
     with pytest.raises(pm.MigrationError, match=message):
-        for mig in pm.load_migrations(files):
-            mig.statements  # noqa: B018 - parsed when the file is pending
+        for mig in load(files):
+            mig.check_runnable()
+
+
+def test_the_module_refuses_files_that_its_action_plugin_did_not_read():
+    with pytest.raises(pm.MigrationError, match="runs through its action plugin"):
+        pm.load_migrations({"001_a.sql": "SELECT 1;"}, None)
 
 
 def test_marker_makes_a_file_non_transactional_and_allows_transaction_control():
-    migs = pm.load_migrations({"005_idx.sql": "-- pg_migrate:no-transaction\nCREATE INDEX CONCURRENTLY i ON t (a);"})
+    migs = load({"005_idx.sql": "-- pg_migrate:no-transaction\nCREATE INDEX CONCURRENTLY i ON t (a);"})
     assert not migs[0].transactional
 
 
 def test_gaps_in_numbering_are_ordered_numerically():
-    migs = pm.load_migrations({"10_b.sql": "SELECT 1;", "9_a.sql": "SELECT 1;", "100_c.sql": "SELECT 1;"})
+    migs = load({"10_b.sql": "SELECT 1;", "9_a.sql": "SELECT 1;", "100_c.sql": "SELECT 1;"})
     assert [m.version for m in migs] == [9, 10, 100]
 
 
@@ -81,7 +63,7 @@ def plan(files, history, **kw):
     kw.setdefault("accepted_changes", [])
     kw.setdefault("unknown_versions", "fail")
     kw.setdefault("out_of_order", "fail")
-    return pm.make_plan(pm.load_migrations(files), history, kw["accepted_changes"], kw["unknown_versions"],
+    return pm.make_plan(load(files), history, kw["accepted_changes"], kw["unknown_versions"],
                         kw["out_of_order"])
 
 
@@ -127,10 +109,11 @@ def test_out_of_order_fails_or_applies():
 
 
 def test_connect_errors_are_classified():
-    assert pm.classify_connect_error('FATAL:  password authentication failed for user "x"') == "auth"
-    assert pm.classify_connect_error('FATAL:  database "x" does not exist') == "no_database"
-    assert pm.classify_connect_error("connection to server at \"127.0.0.1\", port 1 failed: Connection refused") == "down"
-    assert pm.classify_connect_error("FATAL:  the database system is starting up") == "down"
+    assert session.classify_connect_error('FATAL:  password authentication failed for user "x"') == "auth"
+    assert session.classify_connect_error('FATAL:  database "x" does not exist') == "no_database"
+    refused = "connection to server at \"127.0.0.1\", port 1 failed: Connection refused"
+    assert session.classify_connect_error(refused) == "down"
+    assert session.classify_connect_error("FATAL:  the database system is starting up") == "down"
 
 
 def test_advisory_key_is_stable_and_signed_64_bit():

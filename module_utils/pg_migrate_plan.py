@@ -1,0 +1,164 @@
+# Copyright: (c) 2026, Stock Monitoring team
+# MIT License (see LICENSE)
+"""Migration files and the plan: names, checksums, and what the history says is pending.
+
+Plain functions, tested without a server. The SQL itself was read on the controller by the
+pg_migrate action plugin (PostgreSQL's own lexer); its findings arrive as `analysis`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+NAME_RE = re.compile(r"^(\d+)_([A-Za-z0-9][A-Za-z0-9_.-]*)\.sql$")
+LINE_END = re.compile(r"\r\n|\r|\n")
+BOM = "\ufeff"
+
+
+class MigrationError(Exception):
+    """A problem to report to the user as one message; `details` go into the failed result."""
+
+    def __init__(self, msg: str, **details: object) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.details = details
+
+
+def normalise(text: str) -> str:
+    """The text that checksums cover: no BOM, LF line endings, no trailing white space."""
+    return LINE_END.sub("\n", text.lstrip(BOM)).rstrip()
+
+
+def checksum(text: str) -> str:
+    return hashlib.sha256(normalise(text).encode("utf-8")).hexdigest()
+
+
+def line_of(text: str, offset: int) -> int:
+    """1-based line of a character offset; \\r\\n, \\r and \\n each end a line, as in PostgreSQL's lexer."""
+    return len(LINE_END.findall(text, 0, offset)) + 1
+
+
+@dataclass
+class Migration:
+    version: int
+    name: str
+    text: str  # without a leading BOM: the offsets of `statements` and of server errors refer to it
+    checksum: str
+    transactional: bool
+    statements: list[tuple[int, int, int]] | None  # (start, end, line) of each statement, no-transaction files
+    problem: str | None  # why the file cannot run, raised when it is pending
+
+    def check_runnable(self) -> None:
+        if self.problem:
+            raise MigrationError(self.problem, failed_migration=self.name)
+
+    def summary(self) -> dict:
+        return {"version": self.version, "name": self.name, "checksum": self.checksum,
+                "transactional": self.transactional}
+
+
+def load_migrations(files: dict, analysis: dict | None) -> list[Migration]:
+    """Validate the names, join each file with its analysis and order the files by version."""
+    if not files:
+        raise MigrationError("No migration files were given: check the migrations directory")
+    if analysis is None:
+        raise MigrationError("pg_migrate got no analysis of the SQL: it runs through its action plugin "
+                             "(action_plugins/pg_migrate.py), which Ansible finds through the project's ansible.cfg "
+                             "or ANSIBLE_ACTION_PLUGINS")
+    by_version: dict[int, Migration] = {}
+    for name in sorted(files):
+        m = NAME_RE.match(name)
+        if not m:
+            raise MigrationError(f"Migration file name {name!r} does not match NNN_name.sql "
+                                 "(digits, an underscore, letters, digits, '_', '.' or '-', then .sql): rename it")
+        text = files[name]
+        if not isinstance(text, str) or name not in analysis:
+            raise MigrationError(f"Migration {name}: its content must be text")
+        version = int(m.group(1))
+        if version in by_version:
+            raise MigrationError(f"Migrations {by_version[version].name} and {name} have the same version {version}: "
+                                 "renumber one of them")
+        found = analysis[name]
+        by_version[version] = Migration(version, name, text.removeprefix(BOM), checksum(text), found["transactional"],
+                                        found.get("statements"), found.get("problem"))
+    return [by_version[v] for v in sorted(by_version)]
+
+
+@dataclass
+class Plan:
+    pending: list[Migration]
+    already_applied: list[Migration]
+    accepted: list[dict]
+    drift: list[dict]
+
+
+def make_plan(migrations: list[Migration], history: dict[int, dict], accepted_changes: list[dict],
+              unknown_versions: str, out_of_order: str) -> Plan:
+    """Compare the files with the history rows ({version: {"name", "checksum"}}) and apply the policies."""
+    accept = {(a["version"], a["old_checksum"], a["new_checksum"]) for a in accepted_changes}
+    pending, already_applied, accepted, drift = [], [], [], []
+    highest = max(history, default=None)
+    for mig in migrations:
+        row = history.get(mig.version)
+        if row is None:
+            pending.append(mig)
+            if highest is not None and mig.version < highest:
+                drift.append({"version": mig.version, "name": mig.name, "kind": "out_of_order",
+                              "highest_applied": highest})
+        elif row["checksum"] == mig.checksum:
+            already_applied.append(mig)
+        elif (mig.version, row["checksum"], mig.checksum) in accept:
+            accepted.append({"version": mig.version, "name": mig.name,
+                             "old_checksum": row["checksum"], "new_checksum": mig.checksum})
+            already_applied.append(mig)
+        else:
+            drift.append({"version": mig.version, "name": mig.name, "kind": "edited",
+                          "old_checksum": row["checksum"], "new_checksum": mig.checksum})
+    files = {m.version for m in migrations}
+    for version in sorted(set(history) - files):
+        drift.append({"version": version, "name": history[version]["name"], "kind": "unknown"})
+
+    edited = [d for d in drift if d["kind"] == "edited"]
+    if edited:
+        lines = "; ".join(f"{d['name']} (recorded {d['old_checksum']}, now {d['new_checksum']})" for d in edited)
+        first = edited[0]
+        raise MigrationError(
+            f"Applied migration edited after it was applied: {lines}. Restore the file as applied, or accept "
+            f"the change explicitly, e.g. accepted_changes: [{{version: {first['version']}, "
+            f"old_checksum: {first['old_checksum']}, new_checksum: {first['new_checksum']}}}]", drift=drift)
+    unknown = [d for d in drift if d["kind"] == "unknown"]
+    if unknown and unknown_versions == "fail":
+        listed = ", ".join(d["name"] for d in unknown)
+        raise MigrationError(
+            f"The database has applied migrations that this checkout does not have: {listed}. Deploy from a "
+            "checkout that has them, or set unknown_versions=warn to go on", drift=drift)
+    late = [d for d in drift if d["kind"] == "out_of_order"]
+    if late and out_of_order == "fail":
+        listed = ", ".join(d["name"] for d in late)
+        raise MigrationError(
+            f"Pending migrations are older than the newest applied one ({late[0]['highest_applied']}): {listed}. "
+            "Renumber them above it, or set out_of_order=apply to apply them anyway", drift=drift)
+    return Plan(pending, already_applied, accepted, drift)
+
+
+def advisory_key(*parts: str) -> int:
+    """A stable signed 64-bit advisory lock key, e.g. for one history table (schema, table)."""
+    digest = hashlib.sha256(("pg_migrate:" + ".".join(parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def name_problem(what: str, name: str) -> str | None:
+    """PostgreSQL truncates names to 63 bytes (mid-character, for UTF-8): refuse such a name up front."""
+    size = len(name.encode("utf-8"))
+    if not name or "\x00" in name:
+        return f"{what} {name!r} is empty or holds a NUL character"
+    if size > 63:
+        return (f"{what} {name!r} is {size} bytes long in UTF-8; PostgreSQL names hold at most 63 bytes "
+                "(longer ones are cut): shorten it")
+    return None
+
+
+def first_line(message: str | None) -> str:
+    return (message or "").strip().splitlines()[0] if (message or "").strip() else "unknown error"

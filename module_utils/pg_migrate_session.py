@@ -1,0 +1,562 @@
+# Copyright: (c) 2026, Stock Monitoring team
+# MIT License (see LICENSE)
+"""The PostgreSQL side of pg_migrate: connect, inspect, lock, create the database, apply, record."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+
+from ansible.module_utils.pg_migrate_plan import (
+    Migration,
+    MigrationError,
+    advisory_key,
+    first_line,
+    line_of,
+    make_plan,
+)
+
+try:
+    import psycopg2
+    import psycopg2.errorcodes
+    import psycopg2.errors
+    import psycopg2.extensions
+    from psycopg2 import sql as pgsql
+except ImportError:  # pg_migrate reports it through missing_required_lib
+    psycopg2 = None
+    PSYCOPG2_IMPORT_ERROR: str | None = traceback.format_exc()
+else:
+    PSYCOPG2_IMPORT_ERROR = None
+
+# Connection failures worth retrying while waiting for the server: it is down or not ready yet.
+SERVER_DOWN_PATTERNS = ("could not connect", "connection refused", "timeout expired", "could not translate host",
+                        "no such file or directory", "the database system is starting up",
+                        "the database system is shutting down", "the database system is in recovery mode",
+                        "server closed the connection unexpectedly", "connection to server")
+# What a file may leave behind in the session; the next file starts without it, as with `psql -f` per file.
+# (DISCARD ALL would also release the migration lock.)
+RESET_SESSION = ("SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; RESET ALL; DEALLOCATE ALL; CLOSE ALL; "
+                 "UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES")
+# One round trip: the managed schema and history table, who owns them, whether the login may trust and
+# use them, and whether the schema already holds tables (a database migrated by hand).
+INSPECT = """
+WITH RECURSIVE mine(oid) AS (
+  SELECT oid FROM pg_roles WHERE rolname = session_user
+  UNION SELECT m.roleid FROM pg_auth_members m JOIN mine ON m.member = mine.oid)
+SELECT n.oid IS NOT NULL, pg_get_userbyid(n.nspowner), trusted.schema,
+       c.oid IS NOT NULL, pg_get_userbyid(c.relowner), trusted.history, c.relkind,
+       ARRAY(SELECT 'trigger ' || tgname FROM pg_trigger WHERE tgrelid = c.oid AND NOT tgisinternal
+             UNION ALL SELECT 'rule ' || rulename FROM pg_rewrite WHERE ev_class = c.oid
+             UNION ALL SELECT 'policy ' || polname FROM pg_policy WHERE polrelid = c.oid
+             UNION ALL SELECT 'row level security' WHERE c.relrowsecurity),
+       EXISTS (SELECT 1 FROM pg_class t WHERE t.relnamespace = n.oid AND t.relkind IN ('r', 'p')
+               AND t.relname <> %(table)s),
+       has_database_privilege(current_database(), 'CREATE'),
+       n.oid IS NOT NULL AND has_schema_privilege(n.oid, 'CREATE')
+FROM (SELECT 1) one
+LEFT JOIN pg_namespace n ON n.nspname = %(schema)s
+LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = %(table)s
+CROSS JOIN LATERAL (
+  -- An owner is trusted when it is the login, a role the login was granted, or a superuser.
+  -- pg_database_owner (owner of schema public) stands for the owner of the database.
+  SELECT bool_and(o IS NULL OR o IN (SELECT oid FROM mine) OR (SELECT rolsuper FROM pg_roles WHERE oid = o))
+           FILTER (WHERE i = 1) AS schema,
+         bool_and(o IS NULL OR o IN (SELECT oid FROM mine) OR (SELECT rolsuper FROM pg_roles WHERE oid = o))
+           FILTER (WHERE i = 2) AS history
+  FROM unnest(ARRAY[n.nspowner, c.relowner]) WITH ORDINALITY AS u(owner, i),
+       LATERAL (SELECT CASE WHEN owner = 'pg_database_owner'::regrole
+                       THEN (SELECT datdba FROM pg_database WHERE datname = current_database())
+                       ELSE owner END AS o) resolved) trusted
+"""
+
+
+def classify_connect_error(message: str) -> str:
+    """Tell apart the reasons a connection fails: 'down', 'auth', 'no_database' or 'other'."""
+    low = message.lower()
+    if "does not exist" in low and "database" in low:
+        return "no_database"
+    if any(p in low for p in ("password authentication failed", "no pg_hba.conf entry", "authentication failed",
+                              "role \"", "no password supplied", "permission denied for database")):
+        return "auth"
+    if any(p in low for p in SERVER_DOWN_PATTERNS):
+        return "down"
+    return "other"
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent of a process, or None when it is gone (Linux /proc; elsewhere only our own parent is known)."""
+    if pid == os.getpid():
+        return os.getppid()
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def controller_chain() -> list[tuple[int, int]]:
+    """(pid, parent) of our process and of our ancestors up to the topmost ansible one, the controller.
+
+    Locally, ansible-playbook's worker keeps reading our stdout after the main process is killed, so
+    the pipe alone does not tell; over SSH no ancestor is ansible, and the pipe does.
+    """
+    chain, pid = [], os.getpid()
+    for _ in range(12):
+        parent = parent_of(pid)
+        if parent is None or parent <= 1:
+            break
+        chain.append((pid, parent))
+        pid = parent
+    ansible = [i for i, (pid, _) in enumerate(chain) if is_ansible(pid)]
+    return chain[:ansible[-1] + 1] if ansible else chain[:1]
+
+
+def is_ansible(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return b"ansible" in cmdline.read()
+    except OSError:
+        return False
+
+
+def controller_gone(fd: int, chain: list[tuple[int, int]]) -> bool:
+    """Our stdout lost its reader (signal, closed SSH session), or a process of the controller died."""
+    poller = select.poll()
+    poller.register(fd, select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0)) or any(parent_of(pid) != parent for pid, parent in chain)
+
+
+def watch_controller(conn_of: callable, interval: float = 0.5) -> None:
+    """Cancel the running statement and exit when the controller goes away, so no lock outlives it.
+
+    Without this, ansible-playbook exits on Ctrl-C while the module's server session runs on to the end
+    of its statement, holding the migration lock and the table locks. Cancelling rolls the file back;
+    exiting closes the connection, which ends the session and releases the migration lock.
+    """
+    fd, chain = sys.stdout.fileno(), controller_chain()
+
+    def cancel_and_exit() -> None:
+        conn = conn_of()
+        if conn is not None and not conn.closed:
+            with contextlib.suppress(Exception):
+                conn.cancel()
+        os._exit(1)
+
+    def watch() -> None:
+        while not controller_gone(fd, chain):
+            time.sleep(interval)
+        cancel_and_exit()
+
+    def wait_for_signal() -> None:
+        signal.sigwait(STOP_SIGNALS)
+        cancel_and_exit()
+
+    # A stop signal sent to the module itself (the worker stopping its children, a process group) is
+    # taken by a thread: the main thread sits in libpq until the statement ends and could not act on it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    threading.Thread(target=watch, name="pg_migrate-watchdog", daemon=True).start()
+    threading.Thread(target=wait_for_signal, name="pg_migrate-signals", daemon=True).start()
+
+
+class Session:
+    """One run of pg_migrate against one database, on one connection."""
+
+    def __init__(self, params: dict, check_mode: bool, warn: callable) -> None:
+        self.p = params
+        self.check = check_mode
+        self.warn = warn
+        self.schema = params["schema"]
+        self.table = params["history_table"]
+        self.conn = None
+        self.to_run: list[Migration] = []  # what ran, or in check mode what would run (for --diff)
+        self.where = f"{params['login_host']}:{params['login_port']}"
+
+    # Connections ---------------------------------------------------------------------------------
+    def _connect_once(self, dbname: str, read_only: bool) -> psycopg2.extensions.connection:
+        options = f"-c lock_timeout={self.p['lock_timeout']} -c statement_timeout={self.p['statement_timeout']}"
+        if read_only:
+            options += " -c default_transaction_read_only=on"
+        kwargs = {"host": self.p["login_host"], "port": self.p["login_port"], "user": self.p["login_user"],
+                  "dbname": dbname, "connect_timeout": self.p["connect_timeout"], "sslmode": self.p["ssl_mode"],
+                  "application_name": self.p["application_name"], "options": options}
+        if self.p["login_password"]:
+            kwargs["password"] = self.p["login_password"]
+        if self.p["ca_cert"]:
+            kwargs["sslrootcert"] = self.p["ca_cert"]
+        return psycopg2.connect(**kwargs)
+
+    def connect(self, dbname: str, read_only: bool) -> psycopg2.extensions.connection:
+        """Connect, retrying while the server is down until wait_timeout; raise a named failure otherwise."""
+        deadline = time.monotonic() + self.p["wait_timeout"]
+        while True:
+            try:
+                conn = self._connect_once(dbname, read_only)
+                conn.autocommit = True
+                return conn
+            except psycopg2.OperationalError as exc:
+                reason = classify_connect_error(str(exc))
+                if reason == "down" and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                if reason == "no_database":
+                    raise
+                raise MigrationError(self._connect_message(reason, dbname, str(exc)), reason=reason) from None
+
+    def _connect_message(self, reason: str, dbname: str, error: str) -> str:
+        user, where = self.p["login_user"], self.where
+        if reason == "down":
+            waited = f" (waited {self.p['wait_timeout']} s)" if self.p["wait_timeout"] else ""
+            return (f"PostgreSQL server at {where} is not reachable{waited}: {first_line(error)}. "
+                    "Check that it is running and that POSTGRES_HOST/POSTGRES_PORT are right")
+        if reason == "auth":
+            return (f"Login to PostgreSQL at {where} as {user!r} (database {dbname!r}) was refused: {first_line(error)}. "
+                    "Check POSTGRES_USER/POSTGRES_PASSWORD and the server's pg_hba.conf")
+        return f"Cannot connect to PostgreSQL at {where} (database {dbname!r}): {first_line(error)}"
+
+    # Queries ---------------------------------------------------------------------------------------
+    def query(self, statement: str | pgsql.Composable, args: tuple | dict = ()) -> list[tuple]:
+        with self.conn.cursor() as cur:
+            cur.execute(statement, args)
+            return cur.fetchall() if cur.description else []
+
+    def history_ident(self) -> pgsql.Composable:
+        return pgsql.SQL("{}.{}").format(pgsql.Identifier(self.schema), pgsql.Identifier(self.table))
+
+    def inspect(self) -> dict:
+        """The managed schema and history table as they are, refused when the login cannot trust them.
+
+        A role with CREATE on the database could plant the schema, or a history table with a trigger,
+        before the first deploy; the deploy (as its owner or a superuser) would then run that role's code.
+        """
+        row = self.query(INSPECT, {"schema": self.schema, "table": self.table})[0]
+        (schema_exists, schema_owner, schema_trusted, history_exists, table_owner, table_trusted, relkind,
+         attachments, has_tables, can_create_schema, can_create_in_schema) = row
+        user = self.p["login_user"]
+        for exists, trusted, kind, name, owner in (
+                (schema_exists, schema_trusted, "Schema", self.schema, schema_owner),
+                (history_exists, table_trusted, "History table", f"{self.schema}.{self.table}", table_owner)):
+            if exists and not trusted:
+                raise MigrationError(
+                    f"{kind} {name} is owned by role {owner!r}, which is neither {user!r} (the login), nor a role "
+                    f"{user!r} belongs to, nor a superuser: running migrations there would run what {owner!r} put "
+                    f"in it with {user!r}'s privileges. pg_migrate refuses. If {owner!r} is trusted, make the owner "
+                    f"{user!r} (ALTER ... OWNER TO) or GRANT {owner!r} TO {user!r}; otherwise investigate")
+        if history_exists and (relkind != "r" or attachments):
+            what = ", ".join(attachments) if attachments else f"relkind {relkind!r}, not a plain table"
+            raise MigrationError(
+                f"History table {self.schema}.{self.table} has {what}: pg_migrate writes to it only when it is a "
+                "plain table with no trigger, rule or policy, since those would run code on every deploy. Remove "
+                "them, after finding out who added them")
+        return {"schema_exists": schema_exists, "history_exists": history_exists,
+                "adopting": not history_exists and has_tables,
+                "can_create_schema": can_create_schema, "can_create_in_schema": can_create_in_schema}
+
+    def read_history(self) -> dict[int, dict]:
+        rows = self.query(pgsql.SQL("SELECT version, name, checksum FROM {}").format(self.history_ident()))
+        return {int(v): {"name": n, "checksum": c} for v, n, c in rows}
+
+    def tables(self) -> list[str]:
+        rows = self.query("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                          "WHERE n.nspname = %s AND c.relkind IN ('r', 'p') AND c.relname <> %s ORDER BY 1",
+                          (self.schema, self.table))
+        return [r[0] for r in rows]
+
+    def catalog_fingerprint(self) -> tuple:
+        """Counts of catalog rows: equal before and after a file means it created nothing."""
+        return self.query("SELECT (SELECT count(*) FROM pg_class), (SELECT count(*) FROM pg_attribute), "
+                          "(SELECT count(*) FROM pg_constraint), (SELECT count(*) FROM pg_namespace), "
+                          "(SELECT count(*) FROM pg_proc), (SELECT count(*) FROM pg_type), "
+                          "(SELECT count(*) FROM pg_trigger), (SELECT count(*) FROM pg_policy)")[0]
+
+    def check_privileges(self, state: dict) -> None:
+        """Fail before running anything when the login cannot create what the run needs."""
+        user, db = self.p["login_user"], self.p["login_db"]
+        if not state["schema_exists"] and not state["can_create_schema"]:
+            raise MigrationError(
+                f"Role {user!r} lacks the CREATE privilege on database {db!r}, needed to create schema "
+                f"{self.schema!r}: run 'GRANT CREATE ON DATABASE {db} TO {user}' as its owner, or create the "
+                "schema for it")
+        if state["schema_exists"] and not state["can_create_in_schema"]:
+            raise MigrationError(
+                f"Role {user!r} lacks the CREATE privilege on schema {self.schema!r}: run "
+                f"'GRANT CREATE ON SCHEMA {self.schema} TO {user}' or 'ALTER SCHEMA {self.schema} OWNER TO {user}'")
+
+    def create_history(self) -> None:
+        self.query(pgsql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(pgsql.Identifier(self.schema)))
+        self.query(pgsql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} ("
+            " version bigint PRIMARY KEY,"
+            " name text NOT NULL,"
+            " checksum text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now(),"
+            " applied_by text NOT NULL DEFAULT current_user,"
+            " duration_ms numeric(12,3) NOT NULL,"
+            " transactional boolean NOT NULL,"
+            " adopted boolean NOT NULL DEFAULT false,"
+            " host text NOT NULL,"
+            " source text NOT NULL DEFAULT '',"
+            " previous_checksum text,"
+            " checksum_accepted_at timestamptz)").format(self.history_ident()))
+
+    # Locks -----------------------------------------------------------------------------------------
+    def acquire_lock(self, key: int, what: str) -> float:
+        """Take a session advisory lock, polling until lock_wait_timeout; return the wait in ms."""
+        began = time.monotonic()
+        deadline = began + self.p["lock_wait_timeout"]
+        delay = 0.05
+        while not self.query("SELECT pg_try_advisory_lock(%s)", (key,))[0][0]:
+            if time.monotonic() >= deadline:
+                raise MigrationError(f"Another run holds the lock of {what} after waiting "
+                                     f"{self.p['lock_wait_timeout']} s: {self.lock_holders(key)}. "
+                                     "Wait for it to finish, or end that session")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        return (time.monotonic() - began) * 1000
+
+    def lock_holders(self, key: int) -> str:
+        unsigned = key & 0xFFFFFFFFFFFFFFFF
+        rows = self.query(
+            "SELECT a.pid, a.usename, a.application_name, coalesce(host(a.client_addr), 'local'), "
+            "to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS TZ') FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND l.classid::bigint = %s AND l.objid::bigint = %s AND l.objsubid = 1",
+            (unsigned >> 32, unsigned & 0xFFFFFFFF))
+        if not rows:
+            return "the holder has just released it"
+        return "; ".join(f"pid {pid} (user {user}, application {app!r}, from {addr}, connected since {since})"
+                         for pid, user, app, addr, since in rows)
+
+    def relation_lock_holders(self) -> str:
+        rows = self.query(
+            "SELECT DISTINCT a.pid, a.usename, a.application_name, a.state, l.mode, c.relname, "
+            "coalesce(round(extract(epoch FROM now() - a.xact_start))::text, '?') "
+            "FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.granted AND l.pid <> pg_backend_pid() "
+            "AND n.nspname = %s ORDER BY 1", (self.schema,))
+        if not rows:
+            return "no session holds a lock in that schema any more"
+        return "blocked by " + "; ".join(
+            f"pid {pid} (user {user}, application {app!r}, {state}, {mode} on {rel}, transaction open {age} s)"
+            for pid, user, app, state, mode, rel, age in rows)
+
+    # The database ----------------------------------------------------------------------------------
+    def no_createdb(self) -> MigrationError:
+        user, name = self.p["login_user"], self.p["login_db"]
+        return MigrationError(
+            f"Role {user!r} lacks the CREATEDB privilege needed to create database {name!r} on {self.where}: "
+            f"run 'ALTER ROLE {user} CREATEDB', or have a DBA create the database (UTF8) and grant {user} "
+            "CREATE on it")
+
+    def can_create_databases(self) -> bool:
+        return bool(self.query("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user")[0][0])
+
+    def create_database(self) -> bool:
+        """Create login_db from the maintenance database, once, whoever else is trying; True if this run did."""
+        name = self.p["login_db"]
+        key = advisory_key("create-database", name)
+        self.acquire_lock(key, f"the creation of database {name!r}")
+        try:
+            if self.query("SELECT 1 FROM pg_database WHERE datname = %s", (name,)):
+                return False
+            try:
+                self.query(pgsql.SQL("CREATE DATABASE {} ENCODING 'UTF8' TEMPLATE template0").format(
+                    pgsql.Identifier(name)))
+            except psycopg2.errors.InsufficientPrivilege:
+                raise self.no_createdb() from None
+            return True
+        finally:
+            self.query("SELECT pg_advisory_unlock(%s)", (key,))
+
+    # Applying ------------------------------------------------------------------------------------------
+    def statement_error(self, mig: Migration, exc: psycopg2.Error, offset: int, index: int | None) -> MigrationError:
+        """Name the file, the line (from the server's error position) and what became of the file."""
+        pos = getattr(exc.diag, "statement_position", None)
+        line = None
+        if pos and pos.isdigit():
+            line = line_of(mig.text, offset + int(pos) - 1)
+        elif index is not None:
+            line = line_of(mig.text, offset)
+        at = f"at line {line}" if line else "(the server gives no position for this error)"
+        message = first_line(exc.diag.message_primary or str(exc))
+        for label, value in (("detail", exc.diag.message_detail), ("table", exc.diag.table_name),
+                             ("constraint", exc.diag.constraint_name)):
+            if value:
+                message += f"; {label}: {first_line(value)}"
+        where = f"Migration {mig.name} failed {at}" + (f" (statement {index})" if index else "")
+        if self.conn.closed or exc.pgcode in (None, "57P01", "57P02"):
+            kept = "all of this file" if mig.transactional else "this file's earlier statements stay"
+            return MigrationError(
+                f"{where}: the connection to the server was lost ({message}). The server rolls back what was not "
+                f"committed ({kept}) and the file was not recorded. Run the deploy again when the server is back.",
+                failed_migration=mig.name, line=line)
+        code = exc.pgcode
+        if mig.transactional:
+            effect = "The file was rolled back and not recorded: nothing of it was applied."
+        else:
+            effect = (f"The file runs outside a transaction: its statements before statement {index} stayed "
+                      "committed, and it was not recorded, so it runs again from the top next time.")
+        msg = f"{where}: SQLSTATE {code} {psycopg2.errorcodes.lookup(code).lower()}: {message}. {effect}"
+        if code == "25001":
+            msg += " Mark the file with '-- pg_migrate:no-transaction' in its first lines to run it outside a transaction."
+        if code == "55P03":
+            msg += f" lock_timeout ({self.p['lock_timeout']}) expired: {self.relation_lock_holders()}."
+        if code == "57014":
+            msg += f" statement_timeout is {self.p['statement_timeout']}."
+        if code == "42501":
+            msg += f" Grant role {self.p['login_user']!r} the privilege named above."
+        return MigrationError(msg, failed_migration=mig.name, sqlstate=code, line=line)
+
+    def run_file(self, mig: Migration) -> None:
+        """A transactional file goes to the server whole (its parser reads it); the other one statement at a time."""
+        with self.conn.cursor() as cur:
+            if mig.transactional:
+                try:
+                    cur.execute(mig.text)
+                except psycopg2.Error as exc:
+                    self.rollback(mig)
+                    raise self.statement_error(mig, exc, 0, None) from None
+                return
+            for index, (start, end, _line) in enumerate(mig.statements, 1):
+                try:
+                    cur.execute(mig.text[start:end])
+                except psycopg2.Error as exc:
+                    raise self.statement_error(mig, exc, start, index) from None
+
+    def apply(self, mig: Migration, create_history: bool, adopting: bool) -> dict:
+        """Run one file from the session's defaults, then record it; a transactional file and its row commit together.
+
+        The history table is created after the file's statements, so that a first migration may
+        create the managed schema itself without IF NOT EXISTS.
+        """
+        began = time.monotonic()
+        cur = self.conn.cursor()
+        try:
+            cur.execute(RESET_SESSION + ("; BEGIN" if mig.transactional else ""))
+            before = self.catalog_fingerprint() if adopting else None
+            self.run_file(mig)
+            adopted = adopting and before == self.catalog_fingerprint()
+            # The history row is written by the login, whatever role or settings the file chose.
+            cur.execute("SET LOCAL SESSION AUTHORIZATION DEFAULT; SET LOCAL ROLE NONE" if mig.transactional
+                        else "SET SESSION AUTHORIZATION DEFAULT; RESET ROLE")
+            if create_history:
+                self.create_history()
+            duration = (time.monotonic() - began) * 1000
+            cur.execute(pgsql.SQL("INSERT INTO {} (version, name, checksum, duration_ms, transactional, adopted, host, "
+                                  "source) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)").format(self.history_ident()),
+                        (mig.version, mig.name, mig.checksum, round(duration, 3), mig.transactional, adopted,
+                         socket.gethostname(), self.p["source"]))
+            if mig.transactional:
+                cur.execute("COMMIT")
+        except psycopg2.Error as exc:
+            self.rollback(mig)
+            raise MigrationError(f"Recording migration {mig.name} in {self.schema}.{self.table} failed: "
+                                 f"SQLSTATE {exc.pgcode}: {first_line(str(exc))}. The file was not recorded"
+                                 + (" (its statements stayed committed)" if not mig.transactional else
+                                    " and nothing of it was applied")) from None
+        return {**mig.summary(), "duration_ms": round(duration, 3), "adopted": adopted}
+
+    def rollback(self, mig: Migration) -> None:
+        """End a failed file's transaction; a lost connection needs nothing (the server rolls back)."""
+        if mig.transactional and not self.conn.closed and \
+                self.conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+            with contextlib.suppress(psycopg2.OperationalError):  # the connection died with the statement
+                self.conn.cursor().execute("ROLLBACK")
+
+    def accept(self, change: dict) -> None:
+        self.query(pgsql.SQL("UPDATE {} SET checksum = %s, previous_checksum = %s, checksum_accepted_at = now() "
+                             "WHERE version = %s AND checksum = %s").format(self.history_ident()),
+                   (change["new_checksum"], change["old_checksum"], change["version"], change["old_checksum"]))
+
+    # The run -------------------------------------------------------------------------------------------
+    def run(self, migrations: list[Migration]) -> dict:
+        check = self.check
+        result: dict = {"changed": False, "database_exists": True, "database_created": False, "adopting": False,
+                        "applied": [], "pending": [], "already_applied": [], "accepted": [], "drift": [],
+                        "lock_wait_ms": 0.0, "history_table": f"{self.schema}.{self.table}"}
+        mode = self.p["on_missing_database"]
+        try:
+            self.conn = self.connect(self.p["login_db"], read_only=check)
+        except psycopg2.OperationalError as exc:
+            # The server answered and the login is good, but the database is missing: confirm on the
+            # maintenance database, so that a typo in the host is not reported as a missing database.
+            self.conn = self.connect(self.p["maintenance_db"], read_only=check or mode != "create")
+            result["server_version"] = self.server_version()
+            if mode == "fail":
+                raise MigrationError(f"Database {self.p['login_db']!r} does not exist on {self.where}: "
+                                     "create it first, or set on_missing_database=create") from exc
+            if check and mode == "create" and not self.can_create_databases():
+                raise self.no_createdb() from None  # the plan predicts the failure the deploy would have
+            if check or mode == "report":
+                for mig in migrations:
+                    mig.check_runnable()  # a broken file shows in the plan already
+                result.update(database_exists=False, pending=[m.summary() for m in migrations],
+                              changed=check and mode == "create")
+                self.to_run = migrations
+                if self.p["expected_tables"] is not None:
+                    result.update(tables=[], missing_tables=sorted(self.p["expected_tables"]), unexpected_tables=[])
+                return result
+            result["database_created"] = result["changed"] = self.create_database()
+            self.conn.close()
+            self.conn = self.connect(self.p["login_db"], read_only=False)
+
+        result["server_version"] = self.server_version()
+        if not check:
+            result["lock_wait_ms"] = round(self.acquire_lock(
+                advisory_key(self.schema, self.table),
+                f"{self.schema}.{self.table} in database {self.p['login_db']!r}"), 3)
+        state = self.inspect()
+        history = self.read_history() if state["history_exists"] else {}
+        result["adopting"] = state["adopting"]
+        plan = make_plan(migrations, history, self.p["accepted_changes"], self.p["unknown_versions"],
+                         self.p["out_of_order"])
+        result.update(already_applied=[{"version": m.version, "name": m.name} for m in plan.already_applied],
+                      accepted=plan.accepted, drift=plan.drift)
+        for mig in plan.pending:
+            mig.check_runnable()  # every pending file is runnable before any of them runs
+        for d in plan.drift:
+            if d["kind"] == "unknown":
+                self.warn(f"Version {d['version']} ({d['name']}) is in the history but has no file")
+        if plan.pending:
+            self.check_privileges(state)  # in check mode too: the plan predicts the failure
+        if check:
+            result["pending"] = [m.summary() for m in plan.pending]
+            self.to_run = plan.pending
+            result["changed"] = bool(plan.pending or plan.accepted)
+        else:
+            for change in plan.accepted:
+                self.accept(change)
+                result["changed"] = True
+            for index, mig in enumerate(plan.pending):
+                try:
+                    result["applied"].append(self.apply(mig, not state["history_exists"] and index == 0,
+                                                        state["adopting"]))
+                except MigrationError as exc:
+                    exc.details.update(applied=result["applied"], pending=[m.summary() for m in plan.pending[index:]])
+                    raise
+                self.to_run.append(mig)
+                result["changed"] = True
+        if self.p["expected_tables"] is not None:
+            actual = self.tables()
+            expected = set(self.p["expected_tables"])
+            result.update(tables=actual, missing_tables=sorted(expected - set(actual)),
+                          unexpected_tables=sorted(set(actual) - expected))
+        return result
+
+    def server_version(self) -> str:
+        version = self.conn.server_version
+        return f"{version // 10000}.{version % 10000}"
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()

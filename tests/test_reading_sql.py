@@ -1,0 +1,151 @@
+"""Reading SQL as psql and PostgreSQL do: every file runs exactly what `psql -f` runs, or is refused,
+naming the line, before anything runs. Real files against a real server, side by side with psql."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import Db, load_library, module_params, run_module
+
+sql = load_library("pg_migrate", "action_plugins")
+NO_TX = "-- pg_migrate:no-transaction\n"
+
+
+def catalog(db: Db, schema: str = "public") -> list[tuple]:
+    """What a file made: relations with their columns, functions, rules and indexes, and the rows of t."""
+    objects = db.query(
+        "SELECT c.relname, c.relkind, string_agg(a.attname || ':' || format_type(a.atttypid, a.atttypmod), ',' "
+        "ORDER BY a.attnum) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 WHERE n.nspname = %s "
+        "AND c.relname NOT LIKE 'pg_migrate_history%%' GROUP BY 1, 2 ORDER BY 1", (schema,))
+    routines = db.query("SELECT p.proname, pg_get_function_arguments(p.oid) FROM pg_proc p "
+                        "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s ORDER BY 1", (schema,))
+    rules = db.query("SELECT rulename, definition FROM pg_rules WHERE schemaname = %s ORDER BY 1", (schema,))
+    rows = db.query("SELECT * FROM t ORDER BY 1") if db.query("SELECT to_regclass('public.t')")[0][0] else []
+    return [*objects, *routines, *rules, *rows]
+
+
+def same_as_psql(tmp_path, cluster, name: str, text: str) -> tuple[Db, dict]:
+    """Apply one file with pg_migrate and with `psql -f`; both databases must end up the same."""
+    ours, theirs = Db(cluster, f"{tmp_path.name[-20:]}_ours".lower()), Db(cluster, f"{tmp_path.name[-20:]}_psql".lower())
+    for d in (ours, theirs):
+        d.drop()
+        d.create()
+    path = tmp_path / name
+    path.write_bytes(text.encode())
+    theirs.psql_files(path)
+    res, run = run_module(tmp_path, "pg_migrate", module_params(ours, migrations={name: text}, schema="public",
+                                                                expected_tables=None))
+    assert run.rc == 0, run.output
+    assert catalog(ours) == catalog(theirs) != []
+    theirs.drop()
+    return ours, res
+
+
+@pytest.fixture
+def cleanup(cluster):
+    made: list[Db] = []
+    yield made
+    for d in made:
+        d.drop()
+
+
+SAME_AS_PSQL = {
+    "cr_only_line_endings": "-- old Mac editor\rCREATE TABLE t (id int);\r-- a comment\rINSERT INTO t VALUES (1);\r"
+                            "-- another\rINSERT INTO t VALUES (2);\r",
+    "non_ascii_identifiers": "CREATE TABLE prix_café (prix numeric);\nCREATE VIEW v AS SELECT 1 AS 名前;\n"
+                             "CREATE TABLE t (id int);\nINSERT INTO t SELECT 1 FROM prix_café RIGHT JOIN v ON true;\n",
+    "rule_with_several_actions": "CREATE TABLE t (id int);\nCREATE TABLE log (id int);\n"
+                                 "CREATE RULE r AS ON INSERT TO t DO ALSO (INSERT INTO log VALUES (1); "
+                                 "UPDATE log SET id = 2);\nINSERT INTO t VALUES (7);\n",
+    "empty_statements": "CREATE TABLE t (id int);;\n;\nINSERT INTO t VALUES (1);;;\n",
+    "parameter_named_atomic_then_concurrently": NO_TX + "CREATE TABLE t (id int);\n"
+        "CREATE FUNCTION f(atomic boolean) RETURNS int LANGUAGE sql AS 'SELECT 1';\n"
+        "CREATE FUNCTION g(x int) RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT x; SELECT x + 1; END;\n"
+        "CREATE INDEX CONCURRENTLY t_id ON t (id);\nINSERT INTO t VALUES (1);\n",
+    "quotes_comments_and_dollar_quotes": "CREATE TABLE t (v text DEFAULT 'a;b''c');\n/* block; /* nested; */ still; */\n"
+        "CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $body$ BEGIN RETURN ';'; END $body$;\n"
+        "INSERT INTO t SELECT E'it\\'s;' || \"we;ird\" FROM (SELECT 'x' AS \"we;ird\") s;\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(SAME_AS_PSQL))
+def test_files_run_exactly_as_psql_runs_them(tmp_path, cluster, cleanup, case):
+    db, res = same_as_psql(tmp_path, cluster, "001_case.sql", SAME_AS_PSQL[case])
+    cleanup.append(db)
+    assert res["applied"][0]["transactional"] == (not SAME_AS_PSQL[case].startswith(NO_TX))
+
+
+def test_marker_counts_only_in_the_leading_comment_lines(tmp_path, db):
+    """A marker inside a block comment mid-file keeps the file transactional: a later error undoes it all."""
+    db.create()
+    text = "CREATE TABLE a (id int);\n/*\n-- pg_migrate:no-transaction\n*/\nCREATE TABLE b (id int);\nSELECT 1/0;\n"
+    res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations={"001_x.sql": text}, schema="public",
+                                                                expected_tables=None))
+    assert run.rc != 0 and "rolled back" in res["msg"]
+    assert db.query("SELECT to_regclass('a'), to_regclass('b')")[0] == (None, None)
+    assert sql.is_transactional(text)
+    assert not sql.is_transactional("\n  \r-- header\r\n-- pg_migrate:no-transaction\nSELECT 1;")
+    assert sql.is_transactional("SELECT 1;\n-- pg_migrate:no-transaction\n")
+
+
+def test_each_file_starts_from_the_session_defaults(tmp_path, db):
+    """SET search_path or session_replication_role in one file does not leak into the next (psql -f per file)."""
+    db.create()
+    files = {
+        "001_base.sql": "CREATE SCHEMA elsewhere;\nCREATE TABLE parent (id int PRIMARY KEY);\n",
+        "002_settings.sql": "SET search_path = elsewhere;\nSET session_replication_role = replica;\n"
+                            "SET ROLE NONE;\nCREATE TEMP TABLE scratch (id int);\n",
+        "003_after.sql": "CREATE TABLE child (parent_id int REFERENCES parent);\n"
+                         "CREATE TEMP TABLE scratch (id int);\n",
+        "004_fk.sql": "INSERT INTO child VALUES (42);\n",
+    }
+    res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations=files, schema="public",
+                                                                expected_tables=None))
+    assert run.rc != 0 and "004_fk.sql" in res["msg"] and "SQLSTATE 23503" in res["msg"], res
+    assert db.query("SELECT to_regclass('public.child') IS NOT NULL, to_regclass('elsewhere.child') IS NULL")[0] \
+        == (True, True)
+    assert [r[0] for r in db.history("public")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("text, line, words", [
+    ("CREATE TABLE t (id int);\nCOPY t FROM stdin;\n1\n\\.\n", 2, "COPY ... FROM stdin"),
+    ("CREATE TABLE t (id int);\nCOPY t (id) FROM STDIN WITH (FORMAT csv);\n1\n\\.\n", 2, "COPY ... FROM stdin"),
+    ("SELECT 1 AS x \\gset\nCREATE TABLE t (id int);\n", 1, "\\gset is a psql meta-command"),
+    ("CREATE TABLE t (id int);\nSELECT 1 \\; SELECT 2;\n", 2, "\\; is a psql meta-command"),
+    ("\\set ON_ERROR_STOP on\nCREATE TABLE t (id int);\n", 1, "\\set is a psql meta-command"),
+    ("CREATE TABLE t (v text);\nSET standard_conforming_strings = off;\nINSERT INTO t VALUES ('a\\'; DROP TABLE t; --');\n",
+     2, "changes standard_conforming_strings"),
+    ("CREATE TABLE t (id int);\nCOMMIT;\nCREATE TABLE u (id int);\n", 2, "it starts with COMMIT"),
+    ("START TRANSACTION;\nCREATE TABLE t (id int);\n", 1, "it starts with START"),
+    ("CREATE TABLE t (id int;\n", 1, "syntax error"),
+])
+def test_what_cannot_run_is_refused_naming_the_line_before_anything_runs(tmp_path, db, text, line, words):
+    db.create()
+    files = {"001_ok.sql": "CREATE TABLE ok (id int);\n", "002_x.sql": text}
+    res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations=files, schema="public",
+                                                                expected_tables=None))
+    assert run.rc != 0 and f"Migration 002_x.sql, line {line}: " in res["msg"] and words in res["msg"], res["msg"]
+    assert "connection to the server was lost" not in res["msg"] and "Traceback" not in run.output
+    assert db.query("SELECT to_regclass('ok'), to_regclass('t')")[0] == (None, None)  # nothing ran, 001 neither
+
+
+def test_standard_conforming_strings_on_as_pg_dump_writes_it_is_fine():
+    assert sql.analyse("001_x.sql", "SET standard_conforming_strings = on;\nSELECT 'a\\b';\n")["problem"] is None
+    assert sql.analyse("001_x.sql", "SET standard_conforming_strings TO 'on';\nRESET standard_conforming_strings;\n"
+                       )["problem"] is None
+
+
+def test_savepoints_are_allowed_in_a_transactional_file():
+    assert sql.analyse("001_x.sql", "SAVEPOINT a;\nSELECT 1;\nROLLBACK TO SAVEPOINT a;\nRELEASE a;\n")["problem"] is None
+
+
+def test_no_transaction_statements_carry_their_lines_with_any_line_ending():
+    found = sql.analyse("001_x.sql", "\ufeff-- pg_migrate:no-transaction\r\nSELECT 1;\rSELECT 2;\n\nSELECT 3")
+    assert not found["transactional"] and [s[2] for s in found["statements"]] == [2, 3, 5]
+
+
+def test_a_database_name_cut_mid_character_is_refused_clearly(tmp_path, cluster):
+    name = "données_" + "é" * 30  # 68 bytes in UTF-8: PostgreSQL would cut it inside a character
+    res, run = run_module(tmp_path, "pg_migrate", module_params(Db(cluster, name), on_missing_database="create"))
+    assert run.rc != 0 and "bytes long in UTF-8; PostgreSQL names hold at most 63 bytes" in res["msg"]
+    assert "Traceback" not in run.output and "UnicodeDecodeError" not in run.output

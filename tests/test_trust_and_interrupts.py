@@ -1,0 +1,133 @@
+"""Trust and interrupts: a deploy never runs code another role planted, never writes the password to
+disk, and never leaves a lock behind when the controller goes away."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+import pytest
+from conftest import (
+    EXPECTED,
+    LOCAL,
+    ROOT,
+    env_text,
+    finish,
+    module_params,
+    play,
+    run_module,
+    start_playbook,
+    wait_for,
+    write_migrations,
+)
+
+APP = "stock-monitoring-db"
+
+
+@pytest.fixture
+def planter(db):
+    """A role with only CREATE on the database: enough to plant the managed schema before the first deploy."""
+    db.create()
+    role, password = f"planter_{uuid.uuid4().hex[:8]}", "Pl-" + uuid.uuid4().hex[:10]
+    db.query(f"CREATE ROLE {role} LOGIN PASSWORD %s", (password,), dbname="postgres")
+    db.query(f'GRANT CREATE ON DATABASE "{db.name}" TO {role}')
+    yield role, password
+    db.drop()
+    db.query(f"DROP ROLE {role}", dbname="postgres")
+
+
+def test_a_planted_history_table_with_a_trigger_is_refused_and_its_code_never_runs(tmp_path, db, planter):
+    role, password = planter
+    conn = db.connect(user=role, password=password)
+    conn.cursor().execute(
+        "CREATE SCHEMA stock_monitoring; CREATE TABLE stock_monitoring.pg_migrate_history (version bigint, name text, "
+        "checksum text, applied_at timestamptz, applied_by text, duration_ms numeric, transactional boolean, "
+        "adopted boolean, host text, source text, previous_checksum text, checksum_accepted_at timestamptz);"
+        "CREATE FUNCTION stock_monitoring.grab() RETURNS trigger LANGUAGE plpgsql AS "
+        f"$$BEGIN EXECUTE 'ALTER ROLE {role} SUPERUSER'; RETURN NEW; END$$;"
+        "CREATE TRIGGER grab BEFORE INSERT ON stock_monitoring.pg_migrate_history "
+        "FOR EACH ROW EXECUTE FUNCTION stock_monitoring.grab();")
+    conn.close()
+    for check in (True, False):
+        res, run = run_module(tmp_path, "pg_migrate", module_params(db), check=check)
+        assert run.rc != 0 and f"Schema stock_monitoring is owned by role '{role}'" in res["msg"], res
+    assert db.query("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (role,))[0][0] is False
+    assert "watchlists" not in db.tables()
+
+
+def test_a_trigger_on_a_trusted_history_table_is_refused(tmp_path, db):
+    db.create()
+    run_module(tmp_path, "pg_migrate", module_params(db))
+    db.query("CREATE FUNCTION stock_monitoring.noop() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;"
+             "CREATE TRIGGER noop BEFORE INSERT ON stock_monitoring.pg_migrate_history "
+             "FOR EACH ROW EXECUTE FUNCTION stock_monitoring.noop()")
+    res, run = run_module(tmp_path, "pg_migrate", module_params(db))
+    assert run.rc != 0 and "has trigger noop" in res["msg"]
+
+
+def test_a_schema_created_by_hand_as_postgres_is_deployed_by_the_app_login(tmp_path, db):
+    """The seed's process: postgres (a superuser) creates the schema, the application's own login deploys."""
+    db.create()
+    role, password = f"app_{uuid.uuid4().hex[:8]}", "App-" + uuid.uuid4().hex[:10]
+    db.query(f"CREATE ROLE {role} LOGIN PASSWORD %s", (password,), dbname="postgres")
+    try:
+        db.query(f'CREATE SCHEMA stock_monitoring; GRANT CREATE ON DATABASE "{db.name}" TO {role}; '
+                 f"GRANT USAGE, CREATE ON SCHEMA stock_monitoring TO {role}")
+        res = play(tmp_path, db, env=env_text(db, password=password, POSTGRES_USER=role))
+        assert res.rc == 0, res.output
+        assert db.query("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'pg_migrate_history'")[0][0] \
+            == role
+        assert sorted(set(db.tables()) - {"pg_migrate_history"}) == EXPECTED
+    finally:
+        db.drop()
+        db.query(f"DROP ROLE {role}", dbname="postgres")
+
+
+SLOW = {"024_slow.sql": "LOCK TABLE stock_monitoring.alerts IN ACCESS EXCLUSIVE MODE;\n"
+                        "CREATE TABLE stock_monitoring.slow (id int);\nSELECT pg_sleep(120);\n"}
+
+
+def running_slow(db) -> bool:
+    return bool(db.query("SELECT 1 FROM pg_stat_activity WHERE application_name = %s AND query LIKE %s",
+                         (APP, "%pg_sleep(120)%"), dbname="postgres"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_stopping_the_controller_cancels_the_migration_and_frees_the_table(tmp_path, db, signum):
+    db.create()
+    assert play(tmp_path, db).rc == 0
+    env_file = tmp_path / ".env"
+    proc = start_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=LOCAL,
+                          extra_vars={"stock_monitoring_db_migrations_dir": str(write_migrations(
+                              tmp_path / "m", SLOW, with_real=True))},
+                          env={"STOCK_MONITORING_DB_ENV_FILE": str(env_file)})
+    wait_for(lambda: running_slow(db), "the migration to run", 60)
+    proc.send_signal(signum)
+    finish(proc, 60)
+    stopped = time.monotonic()
+    wait_for(lambda: not running_slow(db), "the migration's session to end", 10)
+    assert time.monotonic() - stopped < 5
+    conn = db.connect()
+    conn.cursor().execute("SET lock_timeout = '2s'; SELECT count(*) FROM stock_monitoring.alerts")
+    conn.close()
+    assert [r[0] for r in db.history()] == [22, 23] and "slow" not in db.tables()
+
+
+def test_a_local_run_writes_no_module_with_the_password_to_disk(tmp_path, db):
+    """Pipelining on every connection: a killed local run leaves no AnsiballZ file with the arguments behind."""
+    db.create()
+    remote_tmp = tmp_path / "remote-tmp"
+    env_file = tmp_path / ".env"
+    env_file.write_text(env_text(db))
+    proc = start_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=LOCAL,
+                          extra_vars={"stock_monitoring_db_migrations_dir": str(write_migrations(
+                              tmp_path / "m", SLOW, with_real=True))},
+                          env={"STOCK_MONITORING_DB_ENV_FILE": str(env_file), "ANSIBLE_REMOTE_TMP": str(remote_tmp)})
+    wait_for(lambda: running_slow(db), "the migration to run", 60)
+    os.kill(proc.pid, signal.SIGKILL)
+    finish(proc, 60)
+    leftovers = [p for p in remote_tmp.rglob("*") if p.is_file()] if remote_tmp.exists() else []
+    assert not [p for p in leftovers if db.cluster.password.encode() in p.read_bytes()], leftovers
+    wait_for(lambda: not running_slow(db), "the migration's session to end", 10)
