@@ -1,0 +1,112 @@
+# Copyright: (c) 2026, Stock Monitoring team
+# MIT License (see LICENSE)
+"""The outcome of a run of the role on one host: the JSON report, the summary lines and the problems.
+
+Presentation lives here, in plain functions tested directly, rather than in nested Jinja. It reads
+pg_migrate's registered result whatever its shape: a result, a named failure, or a crash (a result
+with only `msg`, or nothing at all when the module never ran).
+"""
+
+from __future__ import annotations
+
+
+def outcome(result: dict | None, host: str, login: dict, schema: str, mode: str, check: bool, diff: bool = False,
+            psycopg2_installed: bool = False) -> dict:
+    """{'report': the JSON report of this host, 'summary': lines to read, 'problems': what is wrong}."""
+    result = result if isinstance(result, dict) else {}
+    run_mode = "verify" if mode == "verify" else ("plan" if check else "deploy")
+    planning = run_mode != "deploy"
+    report = {
+        "host": host,
+        "server": f"{login.get('POSTGRES_HOST', '?')}:{login.get('POSTGRES_PORT', '?')}",
+        "database": login.get("POSTGRES_DB", "?"),
+        "user": login.get("POSTGRES_USER", "?"),
+        "schema": schema,
+        "mode": run_mode,
+        # The task registers with failed_when: false, so any message is a failure: success has none.
+        "failure": str(result.get("msg", "")),
+        "database_created": bool(result.get("database_created", False)),
+        "database_exists": result.get("database_exists"),
+        "adopted_manual_schema": bool(result.get("adopting", False)),
+        "applied": list(result.get("applied", [])),
+        "pending": list(result.get("pending", [])),
+        "already_applied": [a["name"] for a in result.get("already_applied", [])],
+        "accepted": list(result.get("accepted", [])),
+        "drift": list(result.get("drift", [])),
+        "tables": list(result.get("tables", [])),
+        "missing_tables": list(result.get("missing_tables", [])),
+        "unexpected_tables": list(result.get("unexpected_tables", [])),
+        "history_table": result.get("history_table", ""),
+        "server_version": result.get("server_version", ""),
+        "duration_ms": result.get("duration_ms", 0),
+    }
+    return {"report": report, "summary": summary(report, result, planning, diff, psycopg2_installed),
+            "problems": problems(report, check)}
+
+
+def summary(report: dict, result: dict, planning: bool, diff: bool, psycopg2_installed: bool) -> list[str]:
+    """One line per fact worth reading; with --diff, then the SQL that ran or would run."""
+    version = f" (PostgreSQL {report['server_version']})" if report["server_version"] else ""
+    lines = [f"{report['mode'].upper()} {report['database']}.{report['schema']} on {report['server']} as "
+             f"{report['user']}{version}"]
+    if report["database_created"]:
+        lines.append("database: created")
+    elif planning and report["database_exists"] is False:
+        lines.append("database: missing" if report["mode"] == "verify" else "database: would be created")
+    if "missing_library" in result:
+        lines.append("psycopg2: missing on the host; a deploy installs it, then plans")
+    elif psycopg2_installed:
+        lines.append("psycopg2: installed")
+    if report["adopted_manual_schema"] and report["applied"]:
+        lines.append("adopted a schema that was migrated by hand")
+    applied = ", ".join(f"{a['name']} in {a['duration_ms']} ms" for a in report["applied"])
+    lines.append(f"applied: {applied or 'none'}")
+    if report["pending"]:
+        state = "would apply" if planning else "not applied"
+        lines.append(f"pending ({state}): {', '.join(p['name'] for p in report['pending'])}")
+    if "already_applied" in result:
+        lines.append(f"already applied: {', '.join(report['already_applied']) or 'none'}")
+    if report["accepted"]:
+        lines.append(f"accepted edits: {', '.join(a['name'] for a in report['accepted'])}")
+    if report["drift"]:
+        lines.append(f"drift: {drift_text(report['drift'])}")
+    if "tables" in result:
+        tables = f"tables: {', '.join(report['tables']) or 'none'}"
+        if report["missing_tables"]:
+            tables += f"; missing: {', '.join(report['missing_tables'])}"
+        if report["unexpected_tables"]:
+            tables += f"; unexpected: {', '.join(report['unexpected_tables'])}"
+        lines.append(tables)
+    if report["history_table"]:
+        lines.append(f"history: {report['history_table']}; pg_migrate took {report['duration_ms']} ms")
+    if diff:
+        lines += [line for line in result.get("diff", {}).get("prepared", "").split("\n") if line]
+    return lines
+
+
+def problems(report: dict, check: bool) -> list[str]:
+    """What verification finds wrong. Verify reports anything not deployed; a deploy, missing tables; a
+    --check deploy only describes its plan, since pending migrations may create the tables."""
+    if report["failure"]:
+        return [report["failure"]]
+    if report["mode"] == "plan":
+        return []
+    if report["database_exists"] is False:
+        return ["the database does not exist (a deploy creates it)"]
+    found = []
+    if report["pending"]:
+        found.append(f"pending migrations: {', '.join(p['name'] for p in report['pending'])}")
+    if report["missing_tables"]:
+        found.append(f"missing tables: {', '.join(report['missing_tables'])}")
+    if report["drift"] and report["mode"] == "verify":
+        found.append(f"drift: {drift_text(report['drift'])}")
+    return found
+
+
+def drift_text(drift: list[dict]) -> str:
+    return ", ".join(f"{d['name']} {d['kind']}" for d in drift)
+
+
+class FilterModule:
+    def filters(self) -> dict:
+        return {"stock_monitoring_db_outcome": outcome}
