@@ -61,7 +61,7 @@ demo-stop:
 	scripts/demo.sh stop
 
 bench: setup host-deps
-	python scripts/bench.py
+	python scripts/bench.py $(BENCH)
 
 clean:
 	-scripts/demo.sh stop
