@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import EXPECTED, LOCAL, MIGRATIONS, ROOT, env_text, play, recap, run_playbook
+from conftest import EXPECTED, LOCAL, MIGRATIONS, ROOT, env_text, load_library, play, recap, run_playbook
 
 
 def test_first_deploy_then_second_changes_nothing(tmp_path, db):
@@ -182,3 +182,38 @@ def test_port_that_is_not_a_number_is_named(tmp_path, db):
     res = play(tmp_path, db, env=env_text(db, POSTGRES_PORT="54x2"))
     assert res.rc != 0
     assert f"POSTGRES_PORT in {tmp_path / '.env'} is not a port number (digits only, e.g. 5432)" in res.output
+
+
+outcome = load_library("outcome", "roles/stock_monitoring_db/filter_plugins").outcome
+LOGIN = {"POSTGRES_HOST": "db", "POSTGRES_PORT": "5432", "POSTGRES_DB": "app", "POSTGRES_USER": "app"}
+
+
+@pytest.mark.parametrize("result", [
+    {"msg": "MODULE FAILURE: See stdout/stderr for the exact error", "module_stderr": "Traceback ...", "rc": 1},
+    {},
+    None,
+])
+def test_a_module_crash_is_reported_as_one_failure_not_a_template_error(result):
+    found = outcome(result, "web1", LOGIN, "stock_monitoring", "deploy", check=False)
+    if result:
+        assert found["problems"] == ["MODULE FAILURE: See stdout/stderr for the exact error"]
+    assert found["summary"][0] == "DEPLOY app.stock_monitoring on db:5432 as app"
+    # What the module did not say is left out, not shown as "?" or "none".
+    assert not [line for line in found["summary"] if "?" in line or line.startswith(("already applied", "tables"))]
+
+
+def test_a_failed_migration_keeps_what_the_module_knew_in_the_summary():
+    result = {"msg": "Migration 024_x.sql failed at line 3: ...", "applied": [], "server_version": "15.18",
+              "pending": [{"name": "024_x.sql"}]}
+    found = outcome(result, "web1", LOGIN, "stock_monitoring", "deploy", check=False)
+    assert found["problems"] == [result["msg"]] and "(PostgreSQL 15.18)" in found["summary"][0]
+    assert "pending (not applied): 024_x.sql" in found["summary"]
+    assert found["report"]["failure"] == result["msg"] and found["report"]["database"] == "app"
+
+
+def test_verify_reports_pending_files_and_drift_and_a_plan_reports_no_problem():
+    result = {"pending": [{"name": "024_x.sql"}], "drift": [{"name": "023_y.sql", "kind": "unknown"}],
+              "database_exists": True, "missing_tables": []}
+    assert outcome(result, "h", LOGIN, "s", "verify", check=True)["problems"] == [
+        "pending migrations: 024_x.sql", "drift: 023_y.sql unknown"]
+    assert outcome(result, "h", LOGIN, "s", "deploy", check=True)["problems"] == []
