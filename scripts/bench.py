@@ -181,71 +181,68 @@ def main() -> None:
     try:
         big = big_file_rows(b)
         big_ok = all(float(r[3].split("x")[0]) <= 1.0 for r in big)
-        if only_big:
-            rows += big
-            raise SystemExit
-        real = sorted(MIGRATIONS.glob("*.sql"))
-        files500 = sorted(synthetic(work / "m500", 500).glob("*.sql"))
-        files2 = synthetic(work / "m2", 2)
+        if not only_big:
+            real = sorted(MIGRATIONS.glob("*.sql"))
+            files500 = sorted(synthetic(work / "m500", 500).glob("*.sql"))
+            files2 = synthetic(work / "m2", 2)
 
-        print("bench: 022+023, fresh and no-op (5 runs each)", flush=True)
-        pgm_fresh = median(5, b.fresh_db, lambda db: b.migrate(db, MIGRATIONS, "stock_monitoring"))
-        psql_fresh = median(5, b.fresh_db, lambda db: [b.psql(db, ["-f", str(f)]) for f in real])
+            print("bench: 022+023, fresh and no-op (5 runs each)", flush=True)
+            pgm_fresh = median(5, b.fresh_db, lambda db: b.migrate(db, MIGRATIONS, "stock_monitoring"))
+            psql_fresh = median(5, b.fresh_db, lambda db: [b.psql(db, ["-f", str(f)]) for f in real])
 
-        def applied_db(run: Callable[[str], object]) -> Callable[[], str]:
-            def setup() -> str:
-                db = b.fresh_db()
-                run(db)
-                return db
-            return setup
+            def applied_db(run: Callable[[str], object]) -> Callable[[], str]:
+                def setup() -> str:
+                    db = b.fresh_db()
+                    run(db)
+                    return db
+                return setup
 
-        pgm_noop = median(5, applied_db(lambda db: b.migrate(db, MIGRATIONS, "stock_monitoring")),
-                          lambda db: b.migrate(db, MIGRATIONS, "stock_monitoring"))
-        psql_noop = median(5, applied_db(lambda db: [b.psql(db, ["-f", str(f)]) for f in real]),
-                           lambda db: [b.psql(db, ["-f", str(f)]) for f in real])
-        rows += [("022+023 on an empty database", f"{pgm_fresh:.2f} s", f"{psql_fresh:.2f} s (psql -f per file)",
-                  f"{pgm_fresh / psql_fresh:.1f}x"),
-                 ("022+023 again (no-op)", f"{pgm_noop:.2f} s", f"{psql_noop:.2f} s (psql -f per file)",
-                  f"{pgm_noop / psql_noop:.1f}x")]
+            pgm_noop = median(5, applied_db(lambda db: b.migrate(db, MIGRATIONS, "stock_monitoring")),
+                              lambda db: b.migrate(db, MIGRATIONS, "stock_monitoring"))
+            psql_noop = median(5, applied_db(lambda db: [b.psql(db, ["-f", str(f)]) for f in real]),
+                               lambda db: [b.psql(db, ["-f", str(f)]) for f in real])
+            rows += [("022+023 on an empty database", f"{pgm_fresh:.2f} s", f"{psql_fresh:.2f} s (psql -f per file)",
+                      f"{pgm_fresh / psql_fresh:.1f}x"),
+                     ("022+023 again (no-op)", f"{pgm_noop:.2f} s", f"{psql_noop:.2f} s (psql -f per file)",
+                      f"{pgm_noop / psql_noop:.1f}x")]
 
-        print("bench: 500 synthetic migrations (3 runs each)", flush=True)
-        ping = median(5, lambda: None, lambda _: b.playbook(b.ping_book()))
-        psql500 = median(3, b.fresh_db, lambda db: b.psql(db, [arg for f in files500 for arg in ("-f", str(f))]))
-        pgm500 = median(3, b.fresh_db, lambda db: b.migrate(db, work / "m500", "bench"))
-        noop500 = median(5, applied_db(lambda db: b.migrate(db, work / "m500", "bench")),
-                         lambda db: b.migrate(db, work / "m500", "bench"))
-        noop2 = median(5, applied_db(lambda db: b.migrate(db, files2, "bench")), lambda db: b.migrate(db, files2, "bench"))
-        fresh_ratio, noop_ratio = pgm500 / (psql500 + ping), noop500 / noop2
-        rows += [("500 migrations on an empty database", f"{pgm500:.2f} s",
-                  f"{psql500:.2f} s (one psql session) + {ping:.2f} s (ping play) = {psql500 + ping:.2f} s",
-                  f"{fresh_ratio:.2f}x (target <= 1.4x)"),
-                 ("no-op over 500 applied files", f"{noop500:.2f} s", f"{noop2:.2f} s (no-op over 2 files)",
-                  f"{noop_ratio:.2f}x (target <= 1.1x)")]
+            print("bench: 500 synthetic migrations (3 runs each)", flush=True)
+            ping = median(5, lambda: None, lambda _: b.playbook(b.ping_book()))
+            psql500 = median(3, b.fresh_db, lambda db: b.psql(db, [arg for f in files500 for arg in ("-f", str(f))]))
+            pgm500 = median(3, b.fresh_db, lambda db: b.migrate(db, work / "m500", "bench"))
+            noop500 = median(5, applied_db(lambda db: b.migrate(db, work / "m500", "bench")),
+                             lambda db: b.migrate(db, work / "m500", "bench"))
+            noop2 = median(5, applied_db(lambda db: b.migrate(db, files2, "bench")),
+                           lambda db: b.migrate(db, files2, "bench"))
+            fresh_ratio, noop_ratio = pgm500 / (psql500 + ping), noop500 / noop2
+            rows += [("500 migrations on an empty database", f"{pgm500:.2f} s",
+                      f"{psql500:.2f} s (one psql session) + {ping:.2f} s (ping play) = {psql500 + ping:.2f} s",
+                      f"{fresh_ratio:.2f}x (target <= 1.4x)"),
+                     ("no-op over 500 applied files", f"{noop500:.2f} s", f"{noop2:.2f} s (no-op over 2 files)",
+                      f"{noop_ratio:.2f}x (target <= 1.1x)")]
 
-        print("bench: whole no-op deploy-db.yml against the ping play (9 runs each, alternating)", flush=True)
-        noop_db = applied_db(b.deploy)()
-        deploy_noop, ping = interleaved(9, lambda: b.deploy(noop_db), lambda: b.playbook(b.ping_book()))
-        execs = module_executions(b.deploy(applied_db(b.deploy)()))
-        first_execs = module_executions(b.deploy(b.fresh_db(create=False)))
-        deploy_ratio = deploy_noop / ping
-        rows += [("no-op deploy-db.yml (whole play)", f"{deploy_noop:.2f} s", f"{ping:.2f} s (one-task ping play)",
-                  f"{deploy_ratio:.2f}x (target <= 2x)"),
-                 ("module executions per host", f"{execs} no-op, {first_execs} first deploy", "1 (ping)",
-                  "target <= 2")]
+            print("bench: whole no-op deploy-db.yml against the ping play (9 runs each, alternating)", flush=True)
+            noop_db = applied_db(b.deploy)()
+            deploy_noop, ping = interleaved(9, lambda: b.deploy(noop_db), lambda: b.playbook(b.ping_book()))
+            execs = module_executions(b.deploy(applied_db(b.deploy)()))
+            first_execs = module_executions(b.deploy(b.fresh_db(create=False)))
+            deploy_ratio = deploy_noop / ping
+            rows += [("no-op deploy-db.yml (whole play)", f"{deploy_noop:.2f} s", f"{ping:.2f} s (one-task ping play)",
+                      f"{deploy_ratio:.2f}x (target <= 2x)"),
+                     ("module executions per host", f"{execs} no-op, {first_execs} first deploy", "1 (ping)",
+                      "target <= 2")]
 
-        print("bench: 8 concurrent first deploys of one database against one (3 runs)", flush=True)
-        one = median(3, lambda: b.fresh_db(create=False), b.deploy)
+            print("bench: 8 concurrent first deploys of one database against one (3 runs)", flush=True)
+            one = median(3, lambda: b.fresh_db(create=False), b.deploy)
 
-        def eight(db: str) -> None:
-            with ThreadPoolExecutor(8) as pool:
-                list(pool.map(lambda _: b.deploy(db), range(8)))
+            def eight(db: str) -> None:
+                with ThreadPoolExecutor(8) as pool:
+                    list(pool.map(lambda _: b.deploy(db), range(8)))
 
-        eight_t = median(3, lambda: b.fresh_db(create=False), eight)
-        rows.append(("8 concurrent first deploys, one database", f"{eight_t:.2f} s", f"{one:.2f} s (one deploy)",
-                     f"{eight_t / one:.1f}x"))
+            eight_t = median(3, lambda: b.fresh_db(create=False), eight)
+            rows.append(("8 concurrent first deploys, one database", f"{eight_t:.2f} s", f"{one:.2f} s (one deploy)",
+                         f"{eight_t / one:.1f}x"))
         rows += big
-    except SystemExit:
-        pass
     finally:
         b.pg.stop("immediate")
         shutil.rmtree(work, ignore_errors=True)
