@@ -3,8 +3,8 @@
 """Controller side of pg_migrate: read each migration with PostgreSQL's own lexer and parser.
 
 The module runs on the target host, where only psycopg2 is installed. The SQL is read here, on the
-controller, with pglast (libpg_query, the server's own scanner and grammar), and the module gets the
-result as its internal `analysis` option:
+controller, with pglast (libpg_query, the server's own scanner and grammar); each value of the
+module's `migrations` becomes the file as read (its text and what was found in it):
 
 - every file must parse: a syntax error stops the run before any file runs, naming the line;
 - a transactional file (the default) is sent to the server whole, inside the file's transaction, so
@@ -15,11 +15,16 @@ result as its internal `analysis` option:
 
 A problem is carried as a message, and the module raises it only if the file is pending: a file that
 was applied long ago never blocks a deploy.
+
+Large migrations travel as a file in the target's temporary directory (they hold no secret) rather than
+in the module's arguments: a pipelined module is Python source read from stdin, which CPython reads
+at about 0.5 s per MB.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import re
 
 from ansible.errors import AnsibleActionFail
@@ -39,6 +44,8 @@ FIRST_WORD = re.compile(r"[A-Za-z_]+")
 # First keywords of statements that end, start or prepare a transaction. ROLLBACK TO (a savepoint) is fine.
 TRANSACTION_CONTROL = {"BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"}
 STANDARD_STRINGS_ON = {"on", "true", "yes", "1", "default"}
+# Characters of SQL that go inside the module's arguments; more go through a file.
+INLINE_LIMIT = 1 << 20
 
 
 def is_transactional(text: str) -> bool:
@@ -98,14 +105,12 @@ def statement_problem(text: str, piece: slice, transactional: bool) -> tuple[int
 
 
 def analyse(name: str, text: str) -> dict:
-    """What the module needs to run one file: transactional or not, its statements, or why it cannot run.
-
-    Offsets are characters of the text without a leading BOM (the module strips it the same way).
-    """
+    """One file as the module runs it: its text (without a leading BOM), transactional or not, the
+    (start, end, line) of its statements when it runs statement by statement, or why it cannot run."""
     text = text.removeprefix(BOM)
     transactional = is_transactional(text)
     lines = Lines(text)
-    result: dict = {"transactional": transactional, "statements": None, "problem": None}
+    result: dict = {"text": text, "transactional": transactional, "statements": None, "problem": None}
     parse_error = None
     try:
         slices = pg_parser.split(text, with_parser=True, only_slices=True)
@@ -139,9 +144,9 @@ def analyse(name: str, text: str) -> dict:
 
 
 class ActionModule(ActionBase):
-    """Analyse the migrations on the controller, then run the pg_migrate module on the target."""
+    """Read the migrations on the controller, then run the pg_migrate module on the target."""
 
-    TRANSFERS_FILES = False
+    TRANSFERS_FILES = True
     _supports_check_mode = True
 
     def run(self, tmp: str | None = None, task_vars: dict | None = None) -> dict:
@@ -151,8 +156,20 @@ class ActionModule(ActionBase):
                                     "for the Python of ansible-playbook: pip install -r requirements.txt")
         args = dict(self._task.args)
         migrations = args.get("migrations")
-        if not isinstance(migrations, dict):
+        if not isinstance(migrations, dict) or not all(isinstance(text, str) for text in migrations.values()):
             raise AnsibleActionFail("pg_migrate: migrations must be a mapping of file name to SQL text")
-        args["analysis"] = {name: analyse(str(name), text) for name, text in migrations.items() if isinstance(text, str)}
-        result.update(self._execute_module(module_name="pg_migrate", module_args=args, task_vars=task_vars))
+        read = {str(name): analyse(str(name), text) for name, text in migrations.items()}
+        if sum(len(text) for text in migrations.values()) <= INLINE_LIMIT:
+            args["migrations"] = read
+            result.update(self._execute_module(module_name="pg_migrate", module_args=args, task_vars=task_vars))
+            return result
+        tmpdir = self._make_tmp_path()
+        try:
+            path = self._connection._shell.join_path(tmpdir, "pg_migrate-migrations.json")
+            self._transfer_data(path, json.dumps(read))
+            self._fixup_perms2((tmpdir, path))
+            args.update(migrations={}, migrations_path=path)
+            result.update(self._execute_module(module_name="pg_migrate", module_args=args, task_vars=task_vars))
+        finally:
+            self._remove_tmp_path(tmpdir)
         return result

@@ -98,8 +98,9 @@ options:
     description:
       - The migration files, as a mapping of file name (C(NNN_name.sql), V(NNN) the version) to the
         file's SQL text. They run in numeric order of version.
-      - The files live on the controller; the role reads them there, so nothing is copied to the
-        target host.
+      - The module's action plugin reads them on the controller and hands each one on as read (its
+        text and what PostgreSQL's parser found in it). Large sets travel as a temporary file on the
+        target host, removed after the run; they hold no secret.
     type: dict
     required: true
   schema:
@@ -191,11 +192,12 @@ options:
       - Where the run comes from (for example the play and the controller), stored in the history.
     type: str
     default: ""
-  analysis:
+  migrations_path:
     description:
       - Internal, set by the pg_migrate action plugin on the controller; do not set it.
-      - For each file of O(migrations), what PostgreSQL's lexer and parser found in it.
-    type: dict
+      - A file in the target's temporary directory holding O(migrations) as read by the plugin, used
+        instead of the module's arguments when the migrations are large. The plugin removes it.
+    type: str
 attributes:
   check_mode:
     description: Can run in check mode and return a changed status prediction without modifying the target.
@@ -325,6 +327,7 @@ server_version:
   sample: "15.18"
 """
 
+import json
 import re
 import time
 import traceback
@@ -362,7 +365,7 @@ ARGUMENT_SPEC = {
     "lock_wait_timeout": {"type": "int", "default": 300},
     "application_name": {"type": "str", "default": "pg_migrate"},
     "source": {"type": "str", "default": ""},
-    "analysis": {"type": "dict"},
+    "migrations_path": {"type": "str"},
 }
 TIMEOUT_RE = re.compile(r"^\d+(us|ms|s|min|h|d)?$")
 
@@ -378,6 +381,14 @@ def input_problem(params: dict) -> str | None:
         if problem:
             return f"{problem} ({option})"
     return None
+
+
+def read_migrations(params: dict) -> dict:
+    """The migrations as the action plugin read them: in the arguments, or in a file when large."""
+    if not params["migrations_path"]:
+        return params["migrations"]
+    with open(params["migrations_path"], encoding="utf-8") as prepared:
+        return json.load(prepared)
 
 
 def diff_of(result: dict, ran: list) -> dict:
@@ -401,7 +412,7 @@ def main() -> None:
     session = Session(module.params, module.check_mode, module.warn)
     watch_controller(lambda: session.conn)
     try:
-        migrations = load_migrations(module.params["migrations"], module.params["analysis"])
+        migrations = load_migrations(read_migrations(module.params))
         result = session.run(migrations)
     except MigrationError as exc:
         module.fail_json(msg=exc.msg, **exc.details)

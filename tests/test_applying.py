@@ -228,3 +228,18 @@ def test_password_is_in_no_output_at_vvvv(tmp_path, db, cluster):
     assert run.rc == 0
     assert cluster.password not in run.output
     assert base64.b64encode(cluster.password.encode()).decode() not in run.output
+
+
+def test_a_large_migration_travels_as_a_temporary_file_and_leaves_nothing_behind(tmp_path, db):
+    """Over 1 MiB of SQL goes through a file in the remote temporary directory, not the module's arguments."""
+    db.create()
+    rows = "".join(f"INSERT INTO public.big VALUES ({i}, 'row {i}; with a (note)');\n" for i in range(40_000))
+    files = {"001_big.sql": "CREATE TABLE public.big (id int, note text);\n" + rows}
+    assert len(files["001_big.sql"]) > 1 << 20
+    remote_tmp = tmp_path / "remote-tmp"
+    res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations=files, schema="public",
+                                                                expected_tables=None),
+                          env={"ANSIBLE_REMOTE_TMP": str(remote_tmp)})
+    assert run.rc == 0 and res["applied"][0]["name"] == "001_big.sql", run.output
+    assert db.query("SELECT count(*) FROM public.big")[0][0] == 40_000
+    assert not [p for p in remote_tmp.rglob("*") if p.is_file()]
