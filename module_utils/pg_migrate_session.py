@@ -337,6 +337,14 @@ class Session:
         return "; ".join(f"pid {pid} (user {user}, application {app!r}, from {addr}, connected since {since})"
                          for pid, user, app, addr, since in rows)
 
+    def catalog_lock_holders(self) -> str:
+        rows = self.query(
+            "SELECT DISTINCT a.pid, a.usename, a.application_name, a.state, l.mode FROM pg_locks l "
+            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.granted AND l.pid <> pg_backend_pid() "
+            "AND l.relation = 'pg_catalog.pg_database'::regclass ORDER BY 1")
+        return "; ".join(f"pid {pid} (user {user}, application {app!r}, {state}, {mode})"
+                         for pid, user, app, state, mode in rows) or "the holder has just released it"
+
     def relation_lock_holders(self) -> str:
         rows = self.query(
             "SELECT DISTINCT a.pid, a.usename, a.application_name, a.state, l.mode, c.relname, "
@@ -369,11 +377,18 @@ class Session:
         try:
             if self.query("SELECT 1 FROM pg_database WHERE datname = %s", (name,)):
                 return False
+            # Creating a database blocks no application query: wait for pg_database as long as for the
+            # migration lock, not lock_timeout (another database being created or dropped holds it).
+            self.query("SELECT set_config('lock_timeout', %s, false)", (f"{self.p['lock_wait_timeout']}s",))
             try:
                 self.query(pgsql.SQL("CREATE DATABASE {} ENCODING 'UTF8' TEMPLATE template0").format(
                     pgsql.Identifier(name)))
             except psycopg2.errors.InsufficientPrivilege:
                 raise self.no_createdb() from None
+            except psycopg2.errors.LockNotAvailable:
+                raise MigrationError(
+                    f"Creating database {name!r} on {self.where} waited {self.p['lock_wait_timeout']} s for the "
+                    f"catalog pg_database: {self.catalog_lock_holders()}. Retry once that session is done") from None
             return True
         finally:
             self.query("SELECT pg_advisory_unlock(%s)", (key,))

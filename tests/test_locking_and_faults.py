@@ -243,3 +243,36 @@ def test_a_deploy_waiting_on_create_index_concurrently_never_deadlocks(tmp_path,
     assert [r[0] for r in db.history()] == [22, 23, 24]
     valid = db.query("SELECT indisvalid FROM pg_index WHERE indexrelid = 'stock_monitoring.alerts_created_idx'::regclass")
     assert valid == [(True,)]
+
+
+def test_creating_the_database_waits_past_lock_timeout_for_pg_database(tmp_path, db):
+    """Another database being created or dropped holds pg_database for longer than lock_timeout (5 s)."""
+    env_file = tmp_path / ".env"
+    env_file.write_text(env_text(db))
+    gate = db.connect(dbname="postgres", autocommit=False)
+    gate.cursor().execute("LOCK TABLE pg_catalog.pg_database IN SHARE MODE")
+    proc = start_playbook(DEPLOY, inventory=LOCAL, env={"STOCK_MONITORING_DB_ENV_FILE": str(env_file)})
+    try:
+        wait_for(lambda: db.query("SELECT count(*) FROM pg_locks WHERE relation = 'pg_catalog.pg_database'::regclass "
+                                  "AND NOT granted", dbname="postgres")[0][0] == 1, "the creation to queue", 60)
+        time.sleep(6)
+    finally:
+        gate.rollback()
+        gate.close()
+    res = finish(proc)
+    assert res.rc == 0 and "database: created" in res.output, res.output
+
+
+def test_a_pg_database_lock_held_past_the_deadline_names_its_holder(tmp_path, db):
+    env_file = tmp_path / ".env"
+    env_file.write_text(env_text(db))
+    gate = db.connect(dbname="postgres", autocommit=False)
+    gate.cursor().execute("SET application_name = 'dropping-another-db'; "
+                          "LOCK TABLE pg_catalog.pg_database IN SHARE MODE")
+    try:
+        res = play(tmp_path, db, extra={"stock_monitoring_db_lock_wait_timeout": 2})
+    finally:
+        gate.rollback()
+        gate.close()
+    assert res.rc != 0 and f"Creating database '{db.name}'" in res.output and "waited 2 s" in res.output
+    assert "application 'dropping-another-db'" in res.output and not db.exists()
