@@ -6,8 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pwd
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +27,7 @@ MIGRATIONS = ROOT / "roles" / "stock_monitoring_db" / "files" / "migrations"
 EXPECTED = ["alerts", "audit_log", "notifications", "watchlist_items", "watchlists"]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from pgcluster import Cluster
+from pgcluster import Cluster, free_port
 
 # Our module_utils import as ansible.module_utils.<name>, as they do inside a module run.
 ansible.module_utils.__path__.append(str(ROOT / "module_utils"))
@@ -153,9 +155,11 @@ def run_playbook(playbook: Path | str, inventory: Path | str | None = None, extr
 
 def start_playbook(playbook: Path | str, inventory: Path | str | None = None, extra_vars: dict | None = None,
                    args: list[str] | None = None, env: dict | None = None) -> subprocess.Popen:
-    """The same, in the background: finish it with finish(proc)."""
+    """The same, in the background, in a process group of its own (as a terminal runs it): finish it
+    with finish(proc); os.killpg(proc.pid, SIGINT) is a Ctrl-C."""
     return subprocess.Popen(playbook_command(playbook, inventory, extra_vars, args), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=ansible_env(env), cwd=ROOT)
+                            stderr=subprocess.STDOUT, text=True, env=ansible_env(env), cwd=ROOT,
+                            start_new_session=True)
 
 
 def finish(proc: subprocess.Popen, timeout: int = 300) -> Result:
@@ -215,7 +219,7 @@ def read_migrations(folder: Path) -> dict[str, str]:
 
 
 def run_module(tmp_path: Path, module: str, params: dict, check: bool = False, diff: bool = False,
-               verbosity: int = 0) -> tuple[dict, Result]:
+               verbosity: int = 0, env: dict | None = None) -> tuple[dict, Result]:
     """Run one module task through ansible-playbook on localhost; return its result and the run."""
     book = tmp_path / f"play-{uuid.uuid4().hex[:6]}.yml"
     task = {"name": "Run the module", module: params, "register": "out"}
@@ -223,7 +227,78 @@ def run_module(tmp_path: Path, module: str, params: dict, check: bool = False, d
     args = ["-i", "localhost,", "-c", "local", "-e", json.dumps({"ansible_python_interpreter": sys.executable})]
     args += ["--check"] * check + ["--diff"] * diff + ([f"-{'v' * verbosity}"] if verbosity else [])
     res = run_playbook(book, args=args, env={"ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json",
-                                             "ANSIBLE_CALLBACK_RESULT_FORMAT": "json"})
+                                             "ANSIBLE_CALLBACK_RESULT_FORMAT": "json", **(env or {})})
     data = json.loads(res.stdout[res.stdout.index("{"):])
     task_result = data["plays"][0]["tasks"][0]["hosts"]["localhost"]
     return task_result, res
+
+
+DEPLOY_USER = "smdb-deploy"
+
+
+class SshHost:
+    """This machine as a deploy host reached over real SSH: an sshd of the tests' own on a free
+    127.0.0.1 port, key-only login as the non-root user smdb-deploy, its host key pinned."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        home = Path(pwd.getpwnam(DEPLOY_USER).pw_dir)
+        self.env_file = home / "stock-monitoring" / ".env"
+        for name in ("client_key", "host_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / name)], check=True)
+        ssh_dir = home / ".ssh"
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        (ssh_dir / "authorized_keys").write_text((root / "client_key.pub").read_text())
+        self.env_file.parent.mkdir(mode=0o700, exist_ok=True)
+        for path in (ssh_dir, ssh_dir / "authorized_keys", self.env_file.parent):
+            shutil.chown(path, DEPLOY_USER, DEPLOY_USER)
+        (root / "sshd_config").write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_key'}\nPidFile {root / 'sshd.pid'}\n"
+            f"AllowUsers {DEPLOY_USER}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+            "PermitRootLogin no\n")
+        (root / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {(root / 'host_key.pub').read_text()}")
+        Path("/run/sshd").mkdir(exist_ok=True)
+        self.sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(root / "sshd_config"), "-E",
+                                      str(root / "sshd.log")])
+        self.inventory = root / "hosts.yml"
+        self.inventory.write_text(json.dumps({"stock_monitoring_db": {"hosts": {"deploy-host": {
+            "ansible_host": "127.0.0.1", "ansible_port": self.port, "ansible_user": DEPLOY_USER,
+            "ansible_ssh_private_key_file": str(root / "client_key"),
+            "ansible_ssh_common_args": f"-o UserKnownHostsFile={root / 'known_hosts'} -o StrictHostKeyChecking=yes "
+                                       f"-o ControlPath={root}/cp-%C",
+            "ansible_python_interpreter": "/usr/bin/python3",
+            "stock_monitoring_db_env_file": str(self.env_file)}}}}))
+        wait_for(self.listening, "sshd to listen", 10)
+
+    def listening(self) -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def write_env(self, text: str) -> None:
+        """The backend's .env on the deploy host, readable by the deploy user only."""
+        self.env_file.write_text(text)
+        os.chmod(self.env_file, 0o600)
+        shutil.chown(self.env_file, DEPLOY_USER, DEPLOY_USER)
+
+    def stop(self) -> None:
+        self.sshd.terminate()
+        self.sshd.wait(10)
+
+
+@pytest.fixture(scope="session")
+def ssh_host():
+    if os.geteuid() != 0:
+        pytest.skip("the SSH tests create the deploy user and run sshd: run them as root (CI does)")
+    if not Path("/usr/sbin/sshd").exists() or subprocess.run(["/usr/bin/python3", "-c", "import psycopg2"]).returncode:
+        pytest.fail("openssh-server or python3-psycopg2 is missing: run scripts/host-deps.sh (make pytest does)")
+    try:
+        pwd.getpwnam(DEPLOY_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", DEPLOY_USER], check=True)
+        subprocess.run(["usermod", "-p", "*", DEPLOY_USER], check=True)  # no password, but not locked
+    root = Path(tempfile.mkdtemp(prefix="smdb-test-ssh-"))
+    host = SshHost(root)
+    yield host
+    host.stop()
+    shutil.rmtree(root, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 import uuid
 
@@ -18,6 +19,7 @@ from conftest import (
     module_params,
     play,
     run_module,
+    run_playbook,
     start_playbook,
     wait_for,
     write_migrations,
@@ -112,6 +114,29 @@ def test_stopping_the_controller_cancels_the_migration_and_frees_the_table(tmp_p
     conn = db.connect()
     conn.cursor().execute("SET lock_timeout = '2s'; SELECT count(*) FROM stock_monitoring.alerts")
     conn.close()
+    assert [r[0] for r in db.history()] == [22, 23] and "slow" not in db.tables()
+
+
+@pytest.mark.parametrize("how", ["Ctrl-C", "the SSH connection dropped"])
+def test_over_ssh_losing_the_controller_cancels_the_migration_and_frees_the_table(tmp_path, db, ssh_host, how):
+    """The production path: a non-root deploy user over real SSH. Ctrl-C reaches the whole process group
+    (ssh included); a dropped connection is every ssh process of the run killed, its master included."""
+    db.create()
+    ssh_host.write_env(env_text(db))
+    first = run_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=ssh_host.inventory)
+    assert first.rc == 0, first.output
+    proc = start_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=ssh_host.inventory,
+                          extra_vars={"stock_monitoring_db_migrations_dir": str(write_migrations(
+                              tmp_path / "m", SLOW, with_real=True))})
+    wait_for(lambda: running_slow(db), "the migration to run", 60)
+    if how == "Ctrl-C":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        subprocess.run(["pkill", "-KILL", "-f", f"ControlPath={ssh_host.root}/"], check=True)
+    finish(proc, 60)
+    stopped = time.monotonic()
+    wait_for(lambda: not running_slow(db), "the migration's session to end", 10)
+    assert time.monotonic() - stopped < 5
     assert [r[0] for r in db.history()] == [22, 23] and "slow" not in db.tables()
 
 
