@@ -43,6 +43,9 @@ MARKER = re.compile(r"[ \t\f]*--[ \t\f]*pg_migrate:no-transaction[ \t\f]*")
 FIRST_WORD = re.compile(r"[A-Za-z_]+")
 # First keywords of statements that end, start or prepare a transaction. ROLLBACK TO (a savepoint) is fine.
 TRANSACTION_CONTROL = {"BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"}
+# Statements worth a look with the scanner, by their first word.
+SCANNED = TRANSACTION_CONTROL | {"PREPARE", "COPY", "SET"}
+STANDARD_STRINGS = re.compile("standard_conforming_strings", re.IGNORECASE)
 STANDARD_STRINGS_ON = {"on", "true", "yes", "1", "default"}
 # Characters of SQL that go inside the module's arguments; more go through a file.
 INLINE_LIMIT = 1 << 20
@@ -64,14 +67,16 @@ class Lines:
         return bisect.bisect_right(self.starts, offset)
 
 
-def statement_problem(text: str, piece: slice, transactional: bool) -> tuple[int, str] | None:
-    """Where and why one statement (leading comments allowed) cannot run through pg_migrate, if it cannot."""
+def statement_problem(text: str, piece: slice, transactional: bool, suspect: bool) -> tuple[int, str] | None:
+    """Where and why one statement (leading comments allowed) cannot run through pg_migrate, if it cannot.
+
+    `suspect`: the file holds a backslash or names standard_conforming_strings somewhere, so every
+    statement is scanned; otherwise only those whose first word asks for it.
+    """
+    word = FIRST_WORD.match(text, piece.start, piece.stop)
+    if not suspect and (not word or word.group(0).upper() not in SCANNED):
+        return None  # the common case, decided without copying the statement
     stmt = text[piece]
-    word = FIRST_WORD.match(stmt)
-    keyword = word.group(0).upper() if word else None
-    if keyword not in TRANSACTION_CONTROL | {"PREPARE", "COPY", "SET"} and "\\" not in stmt \
-            and "standard_conforming_strings" not in stmt.lower():
-        return None
     tokens = pg_parser.scan(stmt)
     names = [t.name for t in tokens]
     texts = [stmt[t.start:t.end + 1] for t in tokens]
@@ -104,6 +109,22 @@ def statement_problem(text: str, piece: slice, transactional: bool) -> tuple[int
     return None
 
 
+def split(text: str) -> tuple[list[slice], tuple[str, int] | None]:
+    """The statements as PostgreSQL's parser ends them. Where it cannot parse the text, the scanner's
+    split of as much as it can read (to find a psql construct that explains it), and the error."""
+    try:
+        return pg_parser.split(text, with_parser=True, only_slices=True), None
+    except pg_parser.ParseError as exc:
+        error = exc.args
+    readable = text
+    for _ in range(2):  # the whole text, then the part before the scanner's own error
+        try:
+            return pg_parser.split(readable, with_parser=False, only_slices=True), error
+        except pg_parser.ParseError as exc:
+            error, readable = exc.args, readable[:exc.args[1]]
+    return [], error
+
+
 def analyse(name: str, text: str) -> dict:
     """One file as the module runs it: its text (without a leading BOM), transactional or not, the
     (start, end, line) of its statements when it runs statement by statement, or why it cannot run."""
@@ -111,22 +132,10 @@ def analyse(name: str, text: str) -> dict:
     transactional = is_transactional(text)
     lines = Lines(text)
     result: dict = {"text": text, "transactional": transactional, "statements": None, "problem": None}
-    parse_error = None
-    try:
-        slices = pg_parser.split(text, with_parser=True, only_slices=True)
-    except pg_parser.ParseError as exc:
-        # Not SQL that PostgreSQL parses: find a psql construct that explains it, else report the error.
-        parse_error = exc.args
-        try:
-            slices = pg_parser.split(text, with_parser=False, only_slices=True)
-        except pg_parser.ParseError as scan_exc:
-            parse_error = scan_exc.args
-            try:
-                slices = pg_parser.split(text[:scan_exc.args[1]], with_parser=False, only_slices=True)
-            except pg_parser.ParseError:
-                slices = []
+    slices, parse_error = split(text)
+    suspect = "\\" in text or STANDARD_STRINGS.search(text) is not None
     for piece in slices:
-        problem = statement_problem(text, piece, transactional)
+        problem = statement_problem(text, piece, transactional, suspect)
         if problem:
             result["problem"] = f"Migration {name}, line {lines.at(problem[0])}: {problem[1]}"
             return result

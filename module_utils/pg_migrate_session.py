@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 
 from ansible.module_utils.pg_migrate_plan import (
     Migration,
@@ -49,9 +50,16 @@ RESET_SESSION = ("SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; RESET ALL; DEAL
 INSPECT = """
 WITH RECURSIVE mine(oid) AS (
   SELECT oid FROM pg_roles WHERE rolname = session_user
-  UNION SELECT m.roleid FROM pg_auth_members m JOIN mine ON m.member = mine.oid)
-SELECT n.oid IS NOT NULL, pg_get_userbyid(n.nspowner), trusted.schema,
-       c.oid IS NOT NULL, pg_get_userbyid(c.relowner), trusted.history, c.relkind,
+  UNION SELECT m.roleid FROM pg_auth_members m JOIN mine ON m.member = mine.oid),
+-- Owners the login may trust: itself, the roles it was granted, superusers, and pg_database_owner
+-- (owner of schema public) when the database's owner is one of those.
+trusted(oid) AS (
+  SELECT oid FROM mine UNION SELECT oid FROM pg_roles WHERE rolsuper
+  UNION SELECT 'pg_database_owner'::regrole FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba
+  WHERE d.datname = current_database() AND (r.rolsuper OR r.oid IN (SELECT oid FROM mine)))
+SELECT n.oid IS NOT NULL, pg_get_userbyid(n.nspowner), n.oid IS NULL OR n.nspowner IN (SELECT oid FROM trusted),
+       c.oid IS NOT NULL, pg_get_userbyid(c.relowner), c.oid IS NULL OR c.relowner IN (SELECT oid FROM trusted),
+       c.relkind,
        ARRAY(SELECT 'trigger ' || tgname FROM pg_trigger WHERE tgrelid = c.oid AND NOT tgisinternal
              UNION ALL SELECT 'rule ' || rulename FROM pg_rewrite WHERE ev_class = c.oid
              UNION ALL SELECT 'policy ' || polname FROM pg_policy WHERE polrelid = c.oid
@@ -63,17 +71,6 @@ SELECT n.oid IS NOT NULL, pg_get_userbyid(n.nspowner), trusted.schema,
 FROM (SELECT 1) one
 LEFT JOIN pg_namespace n ON n.nspname = %(schema)s
 LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = %(table)s
-CROSS JOIN LATERAL (
-  -- An owner is trusted when it is the login, a role the login was granted, or a superuser.
-  -- pg_database_owner (owner of schema public) stands for the owner of the database.
-  SELECT bool_and(o IS NULL OR o IN (SELECT oid FROM mine) OR (SELECT rolsuper FROM pg_roles WHERE oid = o))
-           FILTER (WHERE i = 1) AS schema,
-         bool_and(o IS NULL OR o IN (SELECT oid FROM mine) OR (SELECT rolsuper FROM pg_roles WHERE oid = o))
-           FILTER (WHERE i = 2) AS history
-  FROM unnest(ARRAY[n.nspowner, c.relowner]) WITH ORDINALITY AS u(owner, i),
-       LATERAL (SELECT CASE WHEN owner = 'pg_database_owner'::regrole
-                       THEN (SELECT datdba FROM pg_database WHERE datname = current_database())
-                       ELSE owner END AS o) resolved) trusted
 """
 
 
@@ -136,7 +133,7 @@ def controller_gone(fd: int, chain: list[tuple[int, int]]) -> bool:
     return bool(poller.poll(0)) or any(parent_of(pid) != parent for pid, parent in chain)
 
 
-def watch_controller(conn_of: callable, interval: float = 0.5) -> None:
+def watch_controller(conn_of: Callable[[], object], interval: float = 0.5) -> None:
     """Cancel the running statement and exit when the controller goes away, so no lock outlives it.
 
     Without this, ansible-playbook exits on Ctrl-C while the module's server session runs on to the end
@@ -171,7 +168,7 @@ def watch_controller(conn_of: callable, interval: float = 0.5) -> None:
 class Session:
     """One run of pg_migrate against one database, on one connection."""
 
-    def __init__(self, params: dict, check_mode: bool, warn: callable) -> None:
+    def __init__(self, params: dict, check_mode: bool, warn: Callable[[str], None]) -> None:
         self.p = params
         self.check = check_mode
         self.warn = warn
@@ -404,8 +401,8 @@ class Session:
             line = line_of(mig.text, offset)
         at = f"at line {line}" if line else "(the server gives no position for this error)"
         message = first_line(exc.diag.message_primary or str(exc))
-        for label, value in (("detail", exc.diag.message_detail), ("table", exc.diag.table_name),
-                             ("constraint", exc.diag.constraint_name)):
+        for label, value in (("detail", exc.diag.message_detail), ("hint", exc.diag.message_hint),
+                             ("table", exc.diag.table_name), ("constraint", exc.diag.constraint_name)):
             if value:
                 message += f"; {label}: {first_line(value)}"
         where = f"Migration {mig.name} failed {at}" + (f" (statement {index})" if index else "")
