@@ -48,8 +48,10 @@ def free_port() -> int:
 class Cluster:
     """A cluster in `root` (data in root/data, socket and log beside it)."""
 
-    def __init__(self, root: Path, port: int | None = None, password: str | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, password: str | None = None,
+                 settings: dict[str, str] | None = None) -> None:
         self.root = Path(root).resolve()
+        self.settings = settings or {}
         self.data = self.root / "data"
         self.sockdir = self.root / "run"
         self.log = self.root / "server.log"
@@ -95,6 +97,7 @@ class Cluster:
             conf.write(f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\n"
                        f"unix_socket_directories = '{self.sockdir}'\nfsync = off\n"
                        "max_connections = 100\nlog_min_messages = warning\n")
+            conf.writelines(f"{name} = {value}\n" for name, value in self.settings.items())
 
     def start(self, wait: float = 30.0) -> None:
         self.init()
