@@ -172,13 +172,11 @@ class ActionModule(ActionBase):
             args["migrations"] = read
             result.update(self._execute_module(module_name="pg_migrate", module_args=args, task_vars=task_vars))
             return result
+        # The temporary directory goes with the task (ActionBase.cleanup), whatever happens.
         tmpdir = self._make_tmp_path()
-        try:
-            path = self._connection._shell.join_path(tmpdir, "pg_migrate-migrations.json")
-            self._transfer_data(path, json.dumps(read))
-            self._fixup_perms2((tmpdir, path))
-            args.update(migrations={}, migrations_path=path)
-            result.update(self._execute_module(module_name="pg_migrate", module_args=args, task_vars=task_vars))
-        finally:
-            self._remove_tmp_path(tmpdir)
+        path = self._connection._shell.join_path(tmpdir, "pg_migrate-migrations.json")
+        self._transfer_data(path, json.dumps(read))
+        self._fixup_perms2((tmpdir, path))
+        args.update(migrations={}, migrations_path=path)
+        result.update(self._execute_module(module_name="pg_migrate", module_args=args, task_vars=task_vars))
         return result
