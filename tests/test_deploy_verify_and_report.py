@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,22 @@ def test_verify_catches_a_dropped_table_and_pending_migrations(tmp_path, db):
     res = play(tmp_path, db, "verify-db.yml", extra={"stock_monitoring_db_migrations_dir": str(extra)})
     assert res.rc != 0 and "pending migrations: 024_more.sql" in res.output
     assert "more" not in db.tables()
+
+
+def test_verify_with_a_read_only_monitoring_login_on_an_up_to_date_database(tmp_path, db):
+    """CONNECT, USAGE and SELECT only: the trust and privilege checks read the catalog, nothing more."""
+    assert play(tmp_path, db).rc == 0
+    role, password = f"monitor_{uuid.uuid4().hex[:8]}", "Mon-" + uuid.uuid4().hex[:10]
+    db.query(f"CREATE ROLE {role} LOGIN PASSWORD %s", (password,), dbname="postgres")
+    try:
+        db.query(f"GRANT USAGE ON SCHEMA stock_monitoring TO {role}; "
+                 f"GRANT SELECT ON ALL TABLES IN SCHEMA stock_monitoring TO {role}")
+        res = play(tmp_path, db, "verify-db.yml", env=env_text(db, password=password, POSTGRES_USER=role))
+        assert res.rc == 0 and recap(res.output)["localhost"]["changed"] == 0, res.output
+        assert "already applied: 022_stock_monitoring_schema.sql, 023_stock_monitoring_notifications.sql" in res.output
+    finally:
+        db.drop()
+        db.query(f"DROP ROLE {role}", dbname="postgres")
 
 
 def test_verify_never_creates_a_missing_database(tmp_path, db):

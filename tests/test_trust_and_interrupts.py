@@ -3,11 +3,13 @@ disk, and never leaves a lock behind when the controller goes away."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -138,6 +140,42 @@ def test_over_ssh_losing_the_controller_cancels_the_migration_and_frees_the_tabl
     wait_for(lambda: not running_slow(db), "the migration's session to end", 10)
     assert time.monotonic() - stopped < 5
     assert [r[0] for r in db.history()] == [22, 23] and "slow" not in db.tables()
+
+
+def module_process(root: int) -> int:
+    """The pid of the pg_migrate module's Python under the process `root` (the pipelined module's command
+    line is the interpreter alone)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            children.setdefault(int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError):
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            if len(args) == 1 and Path(args[0].decode()).name.startswith("python"):
+                found.append(pid)
+        todo += children.get(pid, [])
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_a_signal_to_the_module_itself_cancels_the_statement(tmp_path, db):
+    """The module's main thread sits in libpq during a statement; a thread takes SIGTERM and cancels."""
+    db.create()
+    assert play(tmp_path, db).rc == 0
+    proc = start_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=LOCAL,
+                          extra_vars={"stock_monitoring_db_migrations_dir": str(write_migrations(
+                              tmp_path / "m", SLOW, with_real=True))},
+                          env={"STOCK_MONITORING_DB_ENV_FILE": str(tmp_path / ".env")})
+    wait_for(lambda: running_slow(db), "the migration to run", 60)
+    os.kill(module_process(proc.pid), signal.SIGTERM)
+    stopped = time.monotonic()
+    wait_for(lambda: not running_slow(db), "the migration's session to end", 10)
+    assert time.monotonic() - stopped < 5
+    res = finish(proc, 60)
+    assert res.rc != 0 and [r[0] for r in db.history()] == [22, 23]
 
 
 def test_a_local_run_writes_no_module_with_the_password_to_disk(tmp_path, db):
