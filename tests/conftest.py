@@ -284,6 +284,7 @@ class SshHost:
     def stop(self) -> None:
         self.sshd.terminate()
         self.sshd.wait(10)
+        self.env_file.unlink(missing_ok=True)  # it holds the throwaway cluster's password
 
 
 @pytest.fixture(scope="session")
