@@ -3,8 +3,8 @@
 """Controller side of pg_migrate: read each migration with PostgreSQL's own lexer and parser.
 
 The module runs on the target host, where only psycopg2 is installed. The SQL is read here, on the
-controller, with pglast (libpg_query, the server's own scanner and grammar); each value of the
-module's `migrations` becomes the file as read (its text and what was found in it):
+controller, with pglast (libpg_query, the server's own scanner and grammar), and the module gets what
+was found, for the files where something was, in its internal `findings` option:
 
 - every file must parse: a syntax error stops the run before any file runs, naming the line;
 - a transactional file (the default) is sent to the server whole, inside the file's transaction, so
@@ -126,12 +126,13 @@ def split(text: str) -> tuple[list[slice], tuple[str, int] | None]:
 
 
 def analyse(name: str, text: str) -> dict:
-    """One file as the module runs it: its text (without a leading BOM), transactional or not, the
-    (start, end, line) of its statements when it runs statement by statement, or why it cannot run."""
+    """What the module must know of one file beyond its text: {} for an ordinary transactional file;
+    else transactional=False with the (start, end, line) of its statements, or the problem that stops
+    it. Offsets count characters of the text without a leading BOM (the module strips it too)."""
     text = text.removeprefix(BOM)
     transactional = is_transactional(text)
     lines = Lines(text)
-    result: dict = {"text": text, "transactional": transactional, "statements": None, "problem": None}
+    result: dict = {} if transactional else {"transactional": False}
     slices, parse_error = split(text)
     suspect = "\\" in text or STANDARD_STRINGS.search(text) is not None
     for piece in slices:
@@ -155,7 +156,7 @@ def analyse(name: str, text: str) -> dict:
 class ActionModule(ActionBase):
     """Read the migrations on the controller, then run the pg_migrate module on the target."""
 
-    TRANSFERS_FILES = True
+    TRANSFERS_FILES = False  # a temporary directory is made only for large migrations
     _supports_check_mode = True
 
     def run(self, tmp: str | None = None, task_vars: dict | None = None) -> dict:
@@ -167,15 +168,15 @@ class ActionModule(ActionBase):
         migrations = args.get("migrations")
         if not isinstance(migrations, dict) or not all(isinstance(text, str) for text in migrations.values()):
             raise AnsibleActionFail("pg_migrate: migrations must be a mapping of file name to SQL text")
-        read = {str(name): analyse(str(name), text) for name, text in migrations.items()}
+        findings = {name: found for name, text in migrations.items() if (found := analyse(str(name), text))}
         if sum(len(text) for text in migrations.values()) <= INLINE_LIMIT:
-            args["migrations"] = read
+            args["findings"] = findings
             result.update(self._execute_module(module_name="pg_migrate", module_args=args, task_vars=task_vars))
             return result
         # The temporary directory goes with the task (ActionBase.cleanup), whatever happens.
         tmpdir = self._make_tmp_path()
         path = self._connection._shell.join_path(tmpdir, "pg_migrate-migrations.json")
-        self._transfer_data(path, json.dumps(read))
+        self._transfer_data(path, json.dumps({"migrations": migrations, "findings": findings}))
         self._fixup_perms2((tmpdir, path))
         args.update(migrations={}, migrations_path=path)
         result.update(self._execute_module(module_name="pg_migrate", module_args=args, task_vars=task_vars))

@@ -98,9 +98,8 @@ options:
     description:
       - The migration files, as a mapping of file name (C(NNN_name.sql), V(NNN) the version) to the
         file's SQL text. They run in numeric order of version.
-      - The module's action plugin reads them on the controller and hands each one on as read (its
-        text and what PostgreSQL's parser found in it). Large sets travel as a temporary file on the
-        target host, removed after the run; they hold no secret.
+      - The module's action plugin reads them on the controller with PostgreSQL's parser. Large sets
+        travel as a temporary file on the target host, removed after the run; they hold no secret.
     type: dict
     required: true
   schema:
@@ -192,11 +191,17 @@ options:
       - Where the run comes from (for example the play and the controller), stored in the history.
     type: str
     default: ""
+  findings:
+    description:
+      - Internal, set by the pg_migrate action plugin on the controller; do not set it.
+      - What PostgreSQL's parser found in the files of O(migrations), for the files where it found
+        something (no-transaction statements, or a problem).
+    type: dict
   migrations_path:
     description:
       - Internal, set by the pg_migrate action plugin on the controller; do not set it.
-      - A file in the target's temporary directory holding O(migrations) as read by the plugin, used
-        instead of the module's arguments when the migrations are large. The plugin removes it.
+      - A file in the target's temporary directory holding O(migrations) and O(findings), used instead
+        of the module's arguments when the migrations are large. It is removed with the task.
     type: str
 attributes:
   check_mode:
@@ -365,6 +370,7 @@ ARGUMENT_SPEC = {
     "lock_wait_timeout": {"type": "int", "default": 300},
     "application_name": {"type": "str", "default": "pg_migrate"},
     "source": {"type": "str", "default": ""},
+    "findings": {"type": "dict"},
     "migrations_path": {"type": "str"},
 }
 TIMEOUT_RE = re.compile(r"^\d+(us|ms|s|min|h|d)?$")
@@ -383,12 +389,13 @@ def input_problem(params: dict) -> str | None:
     return None
 
 
-def read_migrations(params: dict) -> dict:
-    """The migrations as the action plugin read them: in the arguments, or in a file when large."""
+def read_migrations(params: dict) -> tuple[dict, dict | None]:
+    """The migrations and the action plugin's findings: in the arguments, or in a file when large."""
     if not params["migrations_path"]:
-        return params["migrations"]
+        return params["migrations"], params["findings"]
     with open(params["migrations_path"], encoding="utf-8") as prepared:
-        return json.load(prepared)
+        sent = json.load(prepared)
+    return sent["migrations"], sent["findings"]
 
 
 def diff_of(result: dict, ran: list) -> dict:
@@ -412,7 +419,7 @@ def main() -> None:
     session = Session(module.params, module.check_mode, module.warn)
     watch_controller(lambda: session.conn)
     try:
-        migrations = load_migrations(read_migrations(module.params))
+        migrations = load_migrations(*read_migrations(module.params))
         result = session.run(migrations)
     except MigrationError as exc:
         module.fail_json(msg=exc.msg, **exc.details)

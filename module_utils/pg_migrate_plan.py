@@ -3,7 +3,7 @@
 """Migration files and the plan: names, checksums, and what the history says is pending.
 
 Plain functions, tested without a server. The SQL itself was read on the controller by the
-pg_migrate action plugin (PostgreSQL's own lexer): each file arrives with what was found in it.
+pg_migrate action plugin (PostgreSQL's own lexer); what it found arrives as `findings`.
 """
 
 from __future__ import annotations
@@ -59,28 +59,32 @@ class Migration:
                 "transactional": self.transactional}
 
 
-def load_migrations(files: dict) -> list[Migration]:
-    """Validate the names and order the files, as read by the action plugin, by version."""
+def load_migrations(files: dict, findings: dict | None) -> list[Migration]:
+    """Validate the names, join each file with what the action plugin found in it, order them by version."""
     if not files:
         raise MigrationError("No migration files were given: check the migrations directory")
+    if findings is None:
+        raise MigrationError(
+            "pg_migrate got SQL that its action plugin did not read: it runs through the plugin "
+            "(action_plugins/pg_migrate.py), which Ansible finds through the project's ansible.cfg or "
+            "ANSIBLE_ACTION_PLUGINS")
     by_version: dict[int, Migration] = {}
     for name in sorted(files):
         m = NAME_RE.match(name)
         if not m:
             raise MigrationError(f"Migration file name {name!r} does not match NNN_name.sql "
                                  "(digits, an underscore, letters, digits, '_', '.' or '-', then .sql): rename it")
-        read = files[name]
-        if not isinstance(read, dict):
-            raise MigrationError(
-                "pg_migrate got SQL that its action plugin did not read: it runs through the plugin "
-                "(action_plugins/pg_migrate.py), which Ansible finds through the project's ansible.cfg or "
-                "ANSIBLE_ACTION_PLUGINS")
+        text = files[name]
+        if not isinstance(text, str):
+            raise MigrationError(f"Migration {name}: its content must be text")
         version = int(m.group(1))
         if version in by_version:
             raise MigrationError(f"Migrations {by_version[version].name} and {name} have the same version {version}: "
                                  "renumber one of them")
-        by_version[version] = Migration(version, name, read["text"], checksum(read["text"]), read["transactional"],
-                                        read["statements"], read["problem"])
+        found = findings.get(name, {})  # nothing found: an ordinary transactional file
+        by_version[version] = Migration(version, name, text.removeprefix(BOM), checksum(text),
+                                        found.get("transactional", True), found.get("statements"),
+                                        found.get("problem"))
     return [by_version[v] for v in sorted(by_version)]
 
 

@@ -11,8 +11,8 @@ sql = load_library("pg_migrate", "action_plugins")
 
 
 def load(files: dict):
-    """Files as the module gets them: as the action plugin read them."""
-    return pm.load_migrations({name: sql.analyse(name, text) for name, text in files.items()})
+    """Files as the module gets them: with what the action plugin found in them."""
+    return pm.load_migrations(files, {name: sql.analyse(name, text) for name, text in files.items()})
 
 
 def test_checksum_ignores_line_endings_bom_and_trailing_space():
@@ -46,7 +46,7 @@ def test_bad_file_sets_are_refused(files, message):
 
 def test_the_module_refuses_files_that_its_action_plugin_did_not_read():
     with pytest.raises(pm.MigrationError, match="its action plugin did not read"):
-        pm.load_migrations({"001_a.sql": "SELECT 1;"})
+        pm.load_migrations({"001_a.sql": "SELECT 1;"}, None)
 
 
 def test_marker_makes_a_file_non_transactional_and_allows_transaction_control():
