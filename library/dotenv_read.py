@@ -37,16 +37,9 @@ options:
         the file and every such key.
       - When every key of O(keys) is satisfied elsewhere, pass an empty list; a missing file is then
         not an error.
-      - A key given a value in O(overrides) is never required from the file.
     type: list
     elements: str
     default: []
-  overrides:
-    description:
-      - Values that replace the file's (for example role variables set by the user). A key whose
-        value is null is not overridden.
-    type: dict
-    default: {}
 attributes:
   check_mode:
     description: Can run in check mode and return a changed status prediction without modifying the target.
@@ -68,7 +61,7 @@ EXAMPLES = r"""
 
 RETURN = r"""
 values:
-  description: The keys found (of O(keys) when given) and their values, after expansion and O(overrides).
+  description: The keys found (of O(keys) when given) and their values, after expansion.
   returned: success
   type: dict
   sample: {POSTGRES_HOST: db.internal, POSTGRES_PORT: "5432"}
@@ -197,26 +190,21 @@ def main() -> None:
             "path": {"type": "path", "required": True},
             "keys": {"type": "list", "elements": "str", "no_log": False},
             "required": {"type": "list", "elements": "str", "default": []},
-            "overrides": {"type": "dict", "default": {}},
         },
         supports_check_mode=True,
     )
-    path, keys = module.params["path"], module.params["keys"]
-    overrides = {k: str(v) for k, v in module.params["overrides"].items() if v is not None}
-    required = [k for k in module.params["required"] if k not in overrides]
+    path, keys, required = module.params["path"], module.params["keys"], module.params["required"]
     if not os.path.exists(path):
         if required:
             module.fail_json(msg=f"The .env file {path} does not exist on this host; it must set "
                                  f"{', '.join(required)} (see the README's .env contract)", missing=required)
-        module.exit_json(changed=False, exists=False, values=overrides,
-                         missing=[k for k in keys or [] if k not in overrides])
+        module.exit_json(changed=False, exists=False, values={}, missing=list(keys or []))
     try:
         values = expand(parse(read_file(path), path), dict(os.environ))
     except DotenvError as exc:
         module.fail_json(msg=str(exc))
     wanted = keys if keys is not None else list(values)
     found = {k: values[k] for k in wanted if values.get(k) is not None}
-    found.update(overrides)
     absent = [k for k in required if not found.get(k)]
     if absent:
         module.fail_json(msg=f"The .env file {path} does not set {', '.join(absent)} (missing or empty): add "

@@ -41,7 +41,7 @@ def outcome(result: dict | None, host: str, login: dict, schema: str, mode: str,
         "duration_ms": result.get("duration_ms", 0),
     }
     return {"report": report, "summary": summary(report, result, planning, diff, psycopg2_installed),
-            "problems": problems(report, check)}
+            "problems": problems(report)}
 
 
 def summary(report: dict, result: dict, planning: bool, diff: bool, psycopg2_installed: bool) -> list[str]:
@@ -84,7 +84,7 @@ def summary(report: dict, result: dict, planning: bool, diff: bool, psycopg2_ins
     return lines
 
 
-def problems(report: dict, check: bool) -> list[str]:
+def problems(report: dict) -> list[str]:
     """What verification finds wrong. Verify reports anything not deployed; a deploy, missing tables; a
     --check deploy only describes its plan, since pending migrations may create the tables."""
     if report["failure"]:
