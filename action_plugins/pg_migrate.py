@@ -164,20 +164,18 @@ class ActionModule(ActionBase):
         if pg_parser is None:
             raise AnsibleActionFail("pg_migrate reads the SQL on the controller with pglast, which is not installed "
                                     "for the Python of ansible-playbook: pip install -r requirements.txt")
-        args = dict(self._task.args)
+        # The internal options are this plugin's to set, never the task's.
+        args = {key: value for key, value in self._task.args.items() if key not in ("findings", "migrations_path")}
         migrations = args.get("migrations")
         if not isinstance(migrations, dict) or not all(isinstance(text, str) for text in migrations.values()):
             raise AnsibleActionFail("pg_migrate: migrations must be a mapping of file name to SQL text")
         findings = {name: found for name, text in migrations.items() if (found := analyse(str(name), text))}
         if sum(len(text) for text in migrations.values()) <= INLINE_LIMIT:
             args["findings"] = findings
-            result.update(self._execute_module(module_name="pg_migrate", module_args=args, task_vars=task_vars))
-            return result
-        # The temporary directory goes with the task (ActionBase.cleanup), whatever happens.
-        tmpdir = self._make_tmp_path()
-        path = self._connection._shell.join_path(tmpdir, "pg_migrate-migrations.json")
-        self._transfer_data(path, json.dumps({"migrations": migrations, "findings": findings}))
-        self._fixup_perms2((tmpdir, path))
-        args.update(migrations={}, migrations_path=path)
+        else:  # the temporary directory goes with the task (ActionBase.cleanup), whatever happens
+            path = self._connection._shell.join_path(self._make_tmp_path(), "pg_migrate-migrations.json")
+            self._transfer_data(path, json.dumps({"migrations": migrations, "findings": findings}))
+            self._fixup_perms2((self._connection._shell.tmpdir, path))
+            args.update(migrations={}, migrations_path=path)
         result.update(self._execute_module(module_name="pg_migrate", module_args=args, task_vars=task_vars))
         return result
