@@ -142,13 +142,26 @@ def test_eight_deploys_at_once_against_a_server_without_the_database(tmp_path, d
     # missing and meet at its creation: one creates it, the others wait for it, none fails.
     gate = db.connect(dbname="postgres", autocommit=False)
     gate.cursor().execute("LOCK TABLE pg_catalog.pg_database IN SHARE MODE")
-    procs = [start_playbook(DEPLOY, inventory=LOCAL, env={"STOCK_MONITORING_DB_ENV_FILE": str(env_file)})
-             for _ in range(8)]
-    try:
-        wait_for(lambda: db.query(
-            "SELECT (SELECT count(*) FROM pg_locks WHERE relation = 'pg_catalog.pg_database'::regclass AND NOT granted),"
+    app = f"eight-{db.name}"  # sessions of this test's deploys only
+    procs = [start_playbook(DEPLOY, inventory=LOCAL, env={"STOCK_MONITORING_DB_ENV_FILE": str(env_file)},
+                            extra_vars={"stock_monitoring_db_application_name": app}) for _ in range(8)]
+    seen: list[tuple] = []
+
+    def met() -> bool:
+        seen.append(db.query(
+            "SELECT (SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE a.application_name = %s"
+            " AND l.relation = 'pg_catalog.pg_database'::regclass AND NOT l.granted),"
             " (SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND datname = 'postgres')",
-            (APP,), dbname="postgres")[0] == (1, 8), "all eight deploys to meet at the creation", timeout=120)
+            (app, app), dbname="postgres")[0])
+        return seen[-1] == (1, 8)
+
+    try:
+        try:
+            wait_for(met, "all eight deploys to meet at the creation", timeout=120)
+        except AssertionError as exc:
+            outputs = [p.stdout.read() if p.poll() is not None else "running" for p in procs]
+            raise AssertionError(f"{exc}: last seen (waiting on pg_database, connected) {seen[-1:]}; "
+                                 f"{outputs}") from None
     finally:
         gate.rollback()
         gate.close()
