@@ -45,6 +45,8 @@ description:
     result is the exact plan. It works when the database does not exist yet (the plan is then
     every file), and fails as the run would when the login lacks the privilege to create the
     database or the schema. With C(--diff) the SQL of the files that would run is shown.
+  - With O(verify), the run only reports the state, for a read-only monitoring login (CONNECT,
+    USAGE, SELECT): as in check mode, and a missing database is reported, not a failure.
 version_added: "1.0.0"
 author:
   - Stock Monitoring team (@stock-monitoring)
@@ -191,6 +193,14 @@ options:
       - Where the run comes from (for example the play and the controller), stored in the history.
     type: str
     default: ""
+  verify:
+    description:
+      - Report the state only, as a monitoring job needs it, never C(changed), with check mode or without.
+      - The deploy's privilege failures (CREATE, CREATEDB) and the ownership of the schema and the
+        history table are not checked, since the login verifying is not the one that deploys.
+      - A missing database is reported (RV(database_exists) false) whatever O(on_missing_database) says.
+    type: bool
+    default: false
   findings:
     description:
       - Internal, set by the pg_migrate action plugin on the controller; do not set it.
@@ -370,6 +380,7 @@ ARGUMENT_SPEC = {
     "lock_wait_timeout": {"type": "int", "default": 300},
     "application_name": {"type": "str", "default": "pg_migrate"},
     "source": {"type": "str", "default": ""},
+    "verify": {"type": "bool", "default": False},
     "findings": {"type": "dict"},
     "migrations_path": {"type": "str"},
 }

@@ -170,7 +170,8 @@ class Session:
 
     def __init__(self, params: dict, check_mode: bool, warn: Callable[[str], None]) -> None:
         self.p = params
-        self.check = check_mode
+        self.verify = params["verify"]  # report only, for a read-only login: see the module's documentation
+        self.check = check_mode or self.verify
         self.warn = warn
         self.schema = params["schema"]
         self.table = params["history_table"]
@@ -242,7 +243,7 @@ class Session:
         for exists, trusted, kind, name, owner in (
                 (schema_exists, schema_trusted, "Schema", self.schema, schema_owner),
                 (history_exists, table_trusted, "History table", f"{self.schema}.{self.table}", table_owner)):
-            if exists and not trusted:
+            if exists and not trusted and not self.verify:  # reading runs nothing of the owner's
                 raise MigrationError(
                     f"{kind} {name} is owned by role {owner!r}, which is neither {user!r} (the login), nor a role "
                     f"{user!r} belongs to, nor a superuser: running migrations there would run what {owner!r} put "
@@ -496,7 +497,7 @@ class Session:
         result: dict = {"changed": False, "database_exists": True, "database_created": False, "adopting": False,
                         "applied": [], "pending": [], "already_applied": [], "accepted": [], "drift": [],
                         "lock_wait_ms": 0.0, "history_table": f"{self.schema}.{self.table}"}
-        mode = self.p["on_missing_database"]
+        mode = "report" if self.verify else self.p["on_missing_database"]
         try:
             self.conn = self.connect(self.p["login_db"], read_only=check)
         except psycopg2.OperationalError as exc:
@@ -539,12 +540,12 @@ class Session:
         for d in plan.drift:
             if d["kind"] == "unknown":
                 self.warn(f"Version {d['version']} ({d['name']}) is in the history but has no file")
-        if plan.pending:
+        if plan.pending and not self.verify:
             self.check_privileges(state)  # in check mode too: the plan predicts the failure
         if check:
             result["pending"] = [m.summary() for m in plan.pending]
             self.to_run = plan.pending
-            result["changed"] = bool(plan.pending or plan.accepted)
+            result["changed"] = bool(plan.pending or plan.accepted) and not self.verify
         else:
             for change in plan.accepted:
                 self.accept(change)

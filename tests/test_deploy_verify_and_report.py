@@ -9,7 +9,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import EXPECTED, LOCAL, MIGRATIONS, ROOT, env_text, load_library, play, recap, run_playbook
+from conftest import (EXPECTED, LOCAL, MIGRATIONS, ROOT, env_text, load_library, play, recap, run_playbook,
+                      write_migrations)
 
 
 def test_first_deploy_then_second_changes_nothing(tmp_path, db):
@@ -119,6 +120,48 @@ def test_verify_with_a_read_only_monitoring_login_on_an_up_to_date_database(tmp_
         assert "already applied: 022_stock_monitoring_schema.sql, 023_stock_monitoring_notifications.sql" in res.output
     finally:
         db.drop()
+        db.query(f"DROP ROLE {role}", dbname="postgres")
+
+
+def monitoring_login(db) -> tuple[str, str]:
+    """A read-only login as a monitoring job has it: CONNECT, USAGE and SELECT; no CREATE, no CREATEDB."""
+    role, password = f"monitor_{uuid.uuid4().hex[:8]}", "Mon-" + uuid.uuid4().hex[:10]
+    db.query(f"CREATE ROLE {role} LOGIN PASSWORD %s", (password,), dbname="postgres")
+    return role, password
+
+
+def test_verify_with_a_read_only_login_reports_pending_files_without_predicting_privileges(tmp_path, db):
+    """The schema belongs to a non-superuser deploy role, so the monitor neither owns nor may create in it."""
+    assert play(tmp_path, db).rc == 0
+    role, password = monitoring_login(db)
+    owner = f"deployer_{uuid.uuid4().hex[:8]}"
+    db.query(f"CREATE ROLE {owner}", dbname="postgres")
+    try:
+        db.query(f"ALTER SCHEMA stock_monitoring OWNER TO {owner}; "
+                 f"ALTER TABLE stock_monitoring.pg_migrate_history OWNER TO {owner}; "
+                 f"GRANT USAGE ON SCHEMA stock_monitoring TO {role}; "
+                 f"GRANT SELECT ON ALL TABLES IN SCHEMA stock_monitoring TO {role}")
+        extra = write_migrations(tmp_path / "migrations", {"024_more.sql": "CREATE TABLE stock_monitoring.more (id int);\n"},
+                                 with_real=True)
+        res = play(tmp_path, db, "verify-db.yml", env=env_text(db, password=password, POSTGRES_USER=role),
+                   extra={"stock_monitoring_db_migrations_dir": str(extra)})
+        assert res.rc != 0 and "pending migrations: 024_more.sql" in res.output, res.output
+        assert "lacks the" not in res.output and "owned by role" not in res.output
+        assert "already applied: 022_stock_monitoring_schema.sql, 023_stock_monitoring_notifications.sql" in res.output
+        assert recap(res.output)["localhost"]["changed"] == 0
+    finally:
+        db.drop()
+        db.query(f"DROP ROLE {role}; DROP ROLE {owner}", dbname="postgres")
+
+
+def test_verify_with_a_read_only_login_reports_a_missing_database(tmp_path, db):
+    role, password = monitoring_login(db)
+    try:
+        res = play(tmp_path, db, "verify-db.yml", env=env_text(db, password=password, POSTGRES_USER=role))
+        assert res.rc != 0 and "the database does not exist" in res.output, res.output
+        assert "CREATEDB" not in res.output and recap(res.output)["localhost"]["changed"] == 0
+        assert not db.exists()
+    finally:
         db.query(f"DROP ROLE {role}", dbname="postgres")
 
 
