@@ -335,6 +335,17 @@ duration_ms:
   description: Milliseconds the whole run took, connection included.
   returned: always
   type: float
+missing_library:
+  description: C(psycopg2) when the target's Python lacks it; the run then failed before connecting.
+  returned: when psycopg2 is missing
+  type: str
+  sample: psycopg2
+files:
+  description: The names of the migration files, none of them compared with the database.
+  returned: when psycopg2 is missing
+  type: list
+  elements: str
+  sample: [022_stock_monitoring_schema.sql]
 server_version:
   description: Version of the PostgreSQL server.
   returned: when the server was reached
@@ -421,8 +432,9 @@ def diff_of(result: dict, ran: list) -> dict:
 def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     if psycopg2 is None:
+        # Nothing can be compared with the database: name the files, so that a plan can list them.
         module.fail_json(msg=missing_required_lib("psycopg2"), missing_library="psycopg2",
-                         exception=PSYCOPG2_IMPORT_ERROR)
+                         files=sorted(read_migrations(module.params)[0]), exception=PSYCOPG2_IMPORT_ERROR)
     problem = input_problem(module.params)
     if problem:
         module.fail_json(msg=problem)

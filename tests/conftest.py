@@ -233,6 +233,17 @@ def run_module(tmp_path: Path, module: str, params: dict, check: bool = False, d
     return task_result, res
 
 
+def python_without_psycopg2(folder: Path) -> Path:
+    """A fresh host's Python: a bare venv of the system's, which sees none of its packages. Readable by
+    every user, so that the deploy user can run it over SSH."""
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(folder)], check=True)
+    for path in (folder, *folder.parents):
+        if path == Path(tempfile.gettempdir()):
+            break
+        path.chmod(path.stat().st_mode | 0o755)
+    return folder / "bin" / "python"
+
+
 DEPLOY_USER = "smdb-deploy"
 
 

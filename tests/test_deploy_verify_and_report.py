@@ -9,8 +9,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import (EXPECTED, LOCAL, MIGRATIONS, ROOT, env_text, load_library, play, recap, run_playbook,
-                      write_migrations)
+from conftest import (EXPECTED, LOCAL, MIGRATIONS, ROOT, env_text, load_library, play, python_without_psycopg2,
+                      recap, run_playbook, write_migrations)
 
 
 def test_first_deploy_then_second_changes_nothing(tmp_path, db):
@@ -216,11 +216,9 @@ def test_drop_schema_refuses_production_and_unconfirmed_runs(tmp_path, db):
 
 
 def test_missing_psycopg2_fails_clearly_when_installing_is_off(tmp_path, db):
-    # A Python without psycopg2: a bare venv of the system's, which sees none of its packages.
-    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
     inv = tmp_path / "hosts.yml"
     inv.write_text(json.dumps({"stock_monitoring_db": {"hosts": {"bare": {
-        "ansible_connection": "local", "ansible_python_interpreter": str(tmp_path / "bare" / "bin" / "python"),
+        "ansible_connection": "local", "ansible_python_interpreter": str(python_without_psycopg2(tmp_path / "bare")),
         "stock_monitoring_db_env_file": str(tmp_path / ".env")}}}}))
     res = play(tmp_path, db, inventory=inv, extra={"stock_monitoring_db_install_psycopg2": False})
     assert res.rc != 0

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 
 def outcome(result: dict | None, host: str, login: dict, schema: str, mode: str, check: bool, diff: bool = False,
-            psycopg2_installed: bool = False) -> dict:
+            psycopg2_installed: bool = False, psycopg2_package: str = "python3-psycopg2") -> dict:
     """{'report': the JSON report of this host, 'summary': lines to read, 'problems': what is wrong}."""
     result = result if isinstance(result, dict) else {}
     run_mode = "verify" if mode == "verify" else ("plan" if check else "deploy")
     planning = run_mode != "deploy"
+    psycopg2_missing = "missing_library" in result
+    # A fresh host has no psycopg2 yet: its plan is the deploy's first step, not a failure.
+    failure = "" if psycopg2_missing and run_mode == "plan" else str(result.get("msg", ""))
     report = {
         "host": host,
         "server": f"{login.get('POSTGRES_HOST', '?')}:{login.get('POSTGRES_PORT', '?')}",
@@ -24,7 +27,9 @@ def outcome(result: dict | None, host: str, login: dict, schema: str, mode: str,
         "schema": schema,
         "mode": run_mode,
         # The task registers with failed_when: false, so any message is a failure: success has none.
-        "failure": str(result.get("msg", "")),
+        "failure": failure,
+        "psycopg2": "missing" if psycopg2_missing else ("installed" if psycopg2_installed else ""),
+        "not_compared": list(result.get("files", [])) if psycopg2_missing else [],
         "database_created": bool(result.get("database_created", False)),
         "database_exists": result.get("database_exists"),
         "adopted_manual_schema": bool(result.get("adopting", False)),
@@ -40,11 +45,11 @@ def outcome(result: dict | None, host: str, login: dict, schema: str, mode: str,
         "server_version": result.get("server_version", ""),
         "duration_ms": result.get("duration_ms", 0),
     }
-    return {"report": report, "summary": summary(report, result, planning, diff, psycopg2_installed),
+    return {"report": report, "summary": summary(report, result, planning, diff, psycopg2_package),
             "problems": problems(report)}
 
 
-def summary(report: dict, result: dict, planning: bool, diff: bool, psycopg2_installed: bool) -> list[str]:
+def summary(report: dict, result: dict, planning: bool, diff: bool, psycopg2_package: str) -> list[str]:
     """One line per fact worth reading; with --diff, then the SQL that ran or would run."""
     version = f" (PostgreSQL {report['server_version']})" if report["server_version"] else ""
     lines = [f"{report['mode'].upper()} {report['database']}.{report['schema']} on {report['server']} as "
@@ -53,10 +58,14 @@ def summary(report: dict, result: dict, planning: bool, diff: bool, psycopg2_ins
         lines.append("database: created")
     elif planning and report["database_exists"] is False:
         lines.append("database: missing" if report["mode"] == "verify" else "database: would be created")
-    if "missing_library" in result:
-        lines.append("psycopg2: missing on the host; a deploy installs it, then plans")
-    elif psycopg2_installed:
-        lines.append("psycopg2: installed")
+    if report["psycopg2"] == "missing" and report["mode"] == "plan":
+        lines.append(f"psycopg2: missing on the host; the deploy installs {psycopg2_package} first (become), then "
+                     "creates the database if missing and applies each file its history lacks")
+        lines.append(f"not yet compared with the database: {', '.join(report['not_compared']) or 'none'}")
+    elif report["psycopg2"] == "missing":
+        lines.append("psycopg2: missing on the host")
+    elif report["psycopg2"] == "installed":
+        lines.append(f"psycopg2: installed ({psycopg2_package})")
     if report["adopted_manual_schema"] and report["applied"]:
         lines.append("adopted a schema that was migrated by hand")
     applied = ", ".join(f"{a['name']} in {a['duration_ms']} ms" for a in report["applied"])
