@@ -46,7 +46,7 @@ description:
     every file), and fails as the run would when the login lacks the privilege to create the
     database or the schema. With C(--diff) the SQL of the files that would run is shown.
   - With O(verify), the run only reports the state, for a read-only monitoring login (CONNECT,
-    USAGE, SELECT): as in check mode, and a missing database is reported, not a failure.
+    USAGE, SELECT). It reads as in check mode, and a missing database is reported, not a failure.
 version_added: "1.0.0"
 author:
   - Stock Monitoring team (@stock-monitoring)
