@@ -28,10 +28,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 host-deps:
 	scripts/host-deps.sh
 
-lint: setup
+lint: setup host-deps
 	ansible-lint
 	yamllint --strict .
 	ruff check .
+	shellcheck scripts/*.sh .ci/run molecule/images/*.sh
 	for module in library/*.py; do ansible-doc -M library "$$(basename "$$module" .py)" >/dev/null || exit 1; done
 	scripts/validate-modules.sh
 	zizmor --offline .github

@@ -23,6 +23,8 @@ command -v mmdebstrap >/dev/null || {
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap >/dev/null; }
 tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' EXIT
 echo "build-images: mmdebstrap bookworm (about 30 s)"
+# The hooks' "$1" (the new root) is expanded by mmdebstrap, not here.
+# shellcheck disable=SC2016
 mmdebstrap --quiet --variant=minbase \
   --include=postgresql-15,python3,python3-psycopg2,ca-certificates \
   --customize-hook="upload $root/molecule/images/postgres-entrypoint.sh /usr/local/bin/docker-entrypoint.sh" \

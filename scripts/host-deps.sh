@@ -3,13 +3,15 @@
 # - the PostgreSQL server binaries (initdb, pg_ctl; psql comes with them) for throwaway clusters;
 # - openssh-server and Debian's python3-psycopg2, for the tests that deploy over real SSH to a
 #   non-root user on this machine (its sshd is started by the tests on a port of their own, never
-#   as a service).
+#   as a service);
+# - shellcheck, which make lint runs on the shell scripts.
 # Docker and mmdebstrap are handled by docker-up.sh and build-images.sh when Molecule runs.
 set -euo pipefail
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v psql >/dev/null || missing+=(postgresql)
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 /usr/bin/python3 -c 'import psycopg2' 2>/dev/null || missing+=(python3-psycopg2)
+command -v shellcheck >/dev/null || missing+=(shellcheck)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "host-deps: missing ${missing[*]}; as root: apt-get install -y ${missing[*]}" >&2

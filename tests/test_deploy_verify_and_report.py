@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import (EXPECTED, LOCAL, MIGRATIONS, ROOT, env_text, load_library, play, python_without_psycopg2,
-                      recap, run_playbook, write_migrations)
+from conftest import (
+    EXPECTED,
+    LOCAL,
+    MIGRATIONS,
+    ROOT,
+    env_text,
+    load_library,
+    play,
+    python_without_psycopg2,
+    recap,
+    run_playbook,
+    write_migrations,
+)
 
 
 def test_first_deploy_then_second_changes_nothing(tmp_path, db):

@@ -6,7 +6,7 @@ set -eu
 POSTGRES_USER=${POSTGRES_USER:-postgres}
 POSTGRES_DB=${POSTGRES_DB:-$POSTGRES_USER}
 PGDATA=${PGDATA:-/var/lib/postgresql/data}
-BIN=$(ls -d /usr/lib/postgresql/*/bin | tail -n 1)
+for BIN in /usr/lib/postgresql/*/bin; do :; done  # the newest version installed
 export PGDATA
 if [ "${1:-postgres}" = postgres ]; then
   [ $# -gt 0 ] && shift
