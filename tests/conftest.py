@@ -256,8 +256,8 @@ class SshHost:
         self.port = free_port()
         home = Path(pwd.getpwnam(DEPLOY_USER).pw_dir)
         self.env_file = home / "stock-monitoring" / ".env"
-        for name in ("client_key", "host_key"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / name)], check=True)
+        for name, kind in (("client_key", "ed25519"), ("host_key", "ed25519"), ("host_key_ecdsa", "ecdsa")):
+            subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(root / name)], check=True)
         ssh_dir = home / ".ssh"
         ssh_dir.mkdir(mode=0o700, exist_ok=True)
         (ssh_dir / "authorized_keys").write_text((root / "client_key.pub").read_text())
@@ -265,10 +265,13 @@ class SshHost:
         for path in (ssh_dir, ssh_dir / "authorized_keys", self.env_file.parent):
             shutil.chown(path, DEPLOY_USER, DEPLOY_USER)
         (root / "sshd_config").write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_key'}\nPidFile {root / 'sshd.pid'}\n"
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_key'}\nHostKey {root / 'host_key_ecdsa'}\n"
+            f"PidFile {root / 'sshd.pid'}\n"
             f"AllowUsers {DEPLOY_USER}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
             "PermitRootLogin no\n")
-        (root / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {(root / 'host_key.pub').read_text()}")
+        # Only one of its two host keys is pinned, as in a known_hosts secret that lists one.
+        self.known_hosts_line = f"[127.0.0.1]:{self.port} {(root / 'host_key.pub').read_text()}"
+        (root / "known_hosts").write_text(self.known_hosts_line)
         Path("/run/sshd").mkdir(exist_ok=True)
         self.sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(root / "sshd_config"), "-E",
                                       str(root / "sshd.log")])

@@ -4,10 +4,14 @@ a fresh host as well as a prepared one."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
-from conftest import ROOT, env_text, python_without_psycopg2, recap, run_playbook
+import pytest
+from conftest import DEPLOY_USER, ROOT, env_text, free_port, python_without_psycopg2, recap, run_playbook
 
 DEPLOY = ROOT / "playbooks" / "deploy-db.yml"
 
@@ -40,3 +44,111 @@ def test_a_deploy_user_without_sudo_is_told_what_installing_psycopg2_needs(db, s
     assert res.rc != 0
     assert "psycopg2 is missing on deploy-host and installing python3-psycopg2 with become" in res.output, res.output
     assert "Give the deploy user sudo for the package manager" in res.output and not db.exists()
+
+
+def production_inventory(ssh_host, folder: Path) -> Path:
+    """inventory/production as it is (its group_vars), its one host pointed at the tests' sshd."""
+    inventory = folder / "production"
+    shutil.copytree(ROOT / "inventory" / "production", inventory)
+    (inventory / "hosts.yml").write_text(json.dumps({"stock_monitoring_db": {"hosts": {"stock-monitoring-prod-1": {
+        "ansible_host": "127.0.0.1", "ansible_port": ssh_host.port, "ansible_user": DEPLOY_USER,
+        "stock_monitoring_db_env_file": str(ssh_host.env_file)}}}}))
+    return inventory
+
+
+def ci_ssh_setup(runner_temp: Path, private_key: str, known_hosts: str) -> dict:
+    """scripts/ci-ssh-setup.sh as the workflow runs it, with a $HOME that is not the passwd home (a
+    container job); returns what it added to the job's environment."""
+    github_env = runner_temp / "github_env"
+    home = runner_temp / "home"
+    home.mkdir(exist_ok=True)
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "RUNNER_TEMP": str(runner_temp),
+           "GITHUB_ENV": str(github_env), "SSH_PRIVATE_KEY": private_key, "SSH_KNOWN_HOSTS": known_hosts}
+    res = subprocess.run([str(ROOT / "scripts" / "ci-ssh-setup.sh")], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    job_env = dict(line.split("=", 1) for line in github_env.read_text().splitlines())
+    # SSH connections of this job only: another test's persistent master would skip the host key check.
+    return {**job_env, "ANSIBLE_SSH_CONTROL_PATH_DIR": str(runner_temp / "cp")}
+
+
+@pytest.fixture
+def runner_temp():
+    folder = Path(tempfile.mkdtemp(prefix="smdb-runner-"))
+    yield folder
+    subprocess.run(["pkill", "-f", str(folder)], check=False)  # its ssh-agent and ssh masters
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_cd_sequence_over_ssh_plans_deploys_verifies_and_then_changes_nothing(db, ssh_host, runner_temp):
+    ssh_host.write_env(env_text(db))
+    inventory = production_inventory(ssh_host, runner_temp)
+    key = (ssh_host.root / "client_key").read_text()
+    ci_ssh_setup(runner_temp, key, ssh_host.known_hosts_line)
+    job_env = ci_ssh_setup(runner_temp, key, ssh_host.known_hosts_line)  # a second run in one job works too
+    report = runner_temp / "plan-report.json"
+    plan = run_playbook(DEPLOY, inventory=inventory, args=["--check", "--diff"],
+                        env={**job_env, "STOCK_MONITORING_DB_REPORT": str(report)})
+    assert plan.rc == 0 and "database: would be created" in plan.output, plan.output
+    assert json.loads(report.read_text())[0]["mode"] == "plan" and not db.exists()
+    deploy = run_playbook(DEPLOY, inventory=inventory, env=job_env)
+    assert deploy.rc == 0 and "applied: 022_stock_monitoring_schema.sql" in deploy.output, deploy.output
+    verify = run_playbook(ROOT / "playbooks" / "verify-db.yml", inventory=inventory, env=job_env)
+    assert verify.rc == 0, verify.output
+    again = run_playbook(DEPLOY, inventory=inventory, env=job_env)
+    assert again.rc == 0 and recap(again.output)["stock-monitoring-prod-1"]["changed"] == 0, again.output
+    # OpenSSH added none of the host's other keys to the pinned file.
+    assert (runner_temp / "stock-monitoring-db-ssh" / "known_hosts").read_text() == ssh_host.known_hosts_line + "\n"
+
+
+def other_host_key(folder: Path) -> str:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "other")], check=True)
+    return (folder / "other.pub").read_text()
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("changed host key", "REMOTE HOST IDENTIFICATION HAS CHANGED"),
+    ("unknown host", "Host key verification failed"),
+    ("refused login", "Permission denied (publickey)"),
+    ("closed port", "Connection refused"),
+])
+def test_each_ssh_failure_is_named_not_censored(db, ssh_host, runner_temp, case, expected):
+    ssh_host.write_env(env_text(db))
+    inventory = production_inventory(ssh_host, runner_temp)
+    key, pinned = (ssh_host.root / "client_key").read_text(), ssh_host.known_hosts_line
+    if case == "changed host key":
+        pinned = f"[127.0.0.1]:{ssh_host.port} {other_host_key(runner_temp)}"
+    elif case == "unknown host":
+        pinned = f"[127.0.0.1]:{ssh_host.port + 1} {other_host_key(runner_temp)}"
+    elif case == "refused login":
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(runner_temp / "stranger")], check=True)
+        key = (runner_temp / "stranger").read_text()
+    elif case == "closed port":
+        hosts = json.loads((inventory / "hosts.yml").read_text())
+        hosts["stock_monitoring_db"]["hosts"]["stock-monitoring-prod-1"]["ansible_port"] = free_port()
+        (inventory / "hosts.yml").write_text(json.dumps(hosts))
+    res = run_playbook(DEPLOY, inventory=inventory, env=ci_ssh_setup(runner_temp, key, pinned))
+    assert res.rc != 0 and recap(res.output)["stock-monitoring-prod-1"]["unreachable"] == 1, res.output
+    assert expected in res.output and "censored" not in res.output, res.output
+
+
+def test_an_env_file_in_a_directory_the_deploy_user_cannot_enter_is_named_as_such(db, ssh_host, runner_temp):
+    locked = runner_temp / "locked"
+    locked.mkdir(mode=0o700)
+    (locked / ".env").write_text(env_text(db))
+    res = run_playbook(DEPLOY, inventory=ssh_host.inventory,
+                       extra_vars={"stock_monitoring_db_env_file": str(locked / ".env")})
+    assert res.rc != 0 and "does not exist" not in res.output, res.output
+    assert f"{locked / '.env'} cannot be reached by {DEPLOY_USER}: a directory on its path denies it" in res.output
+
+
+def test_an_env_file_that_is_a_fifo_is_refused_without_waiting(db, ssh_host):
+    fifo = ssh_host.env_file.parent / "fifo.env"
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    shutil.chown(fifo, DEPLOY_USER, DEPLOY_USER)
+    try:
+        res = run_playbook(DEPLOY, inventory=ssh_host.inventory, extra_vars={"stock_monitoring_db_env_file": str(fifo)},
+                           timeout=60)
+        assert res.rc != 0 and f"{fifo} is a FIFO, not a regular file" in res.output, res.output
+    finally:
+        fifo.unlink()
