@@ -15,8 +15,11 @@ description:
     CRLF line endings, and the last of duplicate keys winning.
   - Unlike python-dotenv, which skips a line it cannot parse with a warning, a line that cannot be
     parsed fails the task, naming the file and the line number (never its content).
-  - Values are returned, so a task using this module must set C(no_log). Failure messages never
-    contain a value.
+  - Values are returned. The module's action plugin marks its result hidden, as C(no_log) would, so
+    the task needs no C(no_log), which would also hide why a host could not be reached. Failure
+    messages never contain a value.
+  - Anything but a regular file (a directory, a FIFO, a device) is refused without being read, and a
+    directory on the path that the user cannot enter is named as such, not as a missing file.
 version_added: "1.0.0"
 author:
   - Stock Monitoring team (@stock-monitoring)
@@ -56,7 +59,6 @@ EXAMPLES = r"""
     keys: [POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB]
     required: [POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB]
   register: env
-  no_log: true
 """
 
 RETURN = r"""
@@ -78,7 +80,9 @@ missing:
 
 import codecs
 import os
+import pwd
 import re
+import stat
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -171,17 +175,38 @@ def expand(bindings: list[tuple[str, str | None]], environ: dict[str, str]) -> d
     return values
 
 
-def read_file(path: str) -> str:
-    """The file's text as python-dotenv reads it: UTF-8, universal newlines."""
+FILE_KINDS = {stat.S_IFDIR: "directory", stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
+              stat.S_IFBLK: "block device"}
+
+
+def read_file(path: str) -> str | None:
+    """The file's text as python-dotenv reads it (UTF-8, universal newlines); None when it does not exist.
+
+    Opened without blocking and checked to be a regular file before reading: a FIFO would wait for a
+    writer for ever.
+    """
+    user = pwd.getpwuid(os.geteuid()).pw_name
     try:
-        with open(path, encoding="utf-8") as stream:
-            return stream.read()
-    except UnicodeDecodeError as exc:
-        raise DotenvError(f"{path} is not UTF-8 text (invalid byte at offset {exc.start}): save it as UTF-8") from None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
     except PermissionError:
-        raise DotenvError(f"{path} cannot be read by the deploy user: check its owner and mode") from None
-    except IsADirectoryError:
-        raise DotenvError(f"{path} is a directory, not a .env file") from None
+        if os.access(os.path.dirname(os.path.abspath(path)), os.X_OK):
+            raise DotenvError(f"{path} cannot be read by {user}: give it read access (owner, group or mode)") from None
+        raise DotenvError(f"{path} cannot be reached by {user}: a directory on its path denies it (each directory "
+                          "needs the x permission for it)") from None
+    except NotADirectoryError:
+        raise DotenvError(f"{path}: a part of its path is not a directory") from None
+    with os.fdopen(fd, encoding="utf-8") as stream:
+        kind = stat.S_IFMT(os.fstat(fd).st_mode)
+        if kind != stat.S_IFREG:
+            raise DotenvError(f"{path} is a {FILE_KINDS.get(kind, 'special file')}, not a regular file: "
+                              "point the role at the .env file itself")
+        os.set_blocking(fd, True)
+        try:
+            return stream.read()
+        except UnicodeDecodeError as exc:
+            raise DotenvError(f"{path} is not UTF-8 text (invalid byte at offset {exc.start}): save it as UTF-8") from None
 
 
 def main() -> None:
@@ -194,15 +219,16 @@ def main() -> None:
         supports_check_mode=True,
     )
     path, keys, required = module.params["path"], module.params["keys"], module.params["required"]
-    if not os.path.exists(path):
+    try:
+        text = read_file(path)
+        values = expand(parse(text, path), dict(os.environ)) if text is not None else {}
+    except DotenvError as exc:
+        module.fail_json(msg=str(exc))
+    if text is None:
         if required:
             module.fail_json(msg=f"The .env file {path} does not exist on this host; it must set "
                                  f"{', '.join(required)} (see the README's .env contract)", missing=required)
         module.exit_json(changed=False, exists=False, values={}, missing=list(keys or []))
-    try:
-        values = expand(parse(read_file(path), path), dict(os.environ))
-    except DotenvError as exc:
-        module.fail_json(msg=str(exc))
     wanted = keys if keys is not None else list(values)
     found = {k: values[k] for k in wanted if values.get(k) is not None}
     absent = [k for k in required if not found.get(k)]
