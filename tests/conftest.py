@@ -147,9 +147,10 @@ def playbook_command(playbook: Path | str, inventory: Path | str | None = None, 
 
 
 def run_playbook(playbook: Path | str, inventory: Path | str | None = None, extra_vars: dict | None = None,
-                 args: list[str] | None = None, env: dict | None = None, timeout: int = 300) -> Result:
+                 args: list[str] | None = None, env: dict | None = None, timeout: int = 300,
+                 cwd: Path = ROOT) -> Result:
     proc = subprocess.run(playbook_command(playbook, inventory, extra_vars, args), capture_output=True, text=True,
-                          env=ansible_env(env), cwd=ROOT, timeout=timeout)
+                          env=ansible_env(env), cwd=cwd, timeout=timeout)
     return Result(proc)
 
 

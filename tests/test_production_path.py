@@ -85,11 +85,11 @@ def test_the_cd_sequence_over_ssh_plans_deploys_verifies_and_then_changes_nothin
     key = (ssh_host.root / "client_key").read_text()
     ci_ssh_setup(runner_temp, key, ssh_host.known_hosts_line)
     job_env = ci_ssh_setup(runner_temp, key, ssh_host.known_hosts_line)  # a second run in one job works too
-    report = runner_temp / "plan-report.json"
-    plan = run_playbook(DEPLOY, inventory=inventory, args=["--check", "--diff"],
-                        env={**job_env, "STOCK_MONITORING_DB_REPORT": str(report)})
+    # A relative report path is taken from where ansible-playbook runs, as any path on its command line.
+    plan = run_playbook(DEPLOY, inventory=inventory, args=["--check", "--diff"], cwd=runner_temp,
+                        env={**job_env, "STOCK_MONITORING_DB_REPORT": "plan-report.json"})
     assert plan.rc == 0 and "database: would be created" in plan.output, plan.output
-    assert json.loads(report.read_text())[0]["mode"] == "plan" and not db.exists()
+    assert json.loads((runner_temp / "plan-report.json").read_text())[0]["mode"] == "plan" and not db.exists()
     deploy = run_playbook(DEPLOY, inventory=inventory, env=job_env)
     assert deploy.rc == 0 and "applied: 022_stock_monitoring_schema.sql" in deploy.output, deploy.output
     verify = run_playbook(ROOT / "playbooks" / "verify-db.yml", inventory=inventory, env=job_env)
@@ -152,3 +152,35 @@ def test_an_env_file_that_is_a_fifo_is_refused_without_waiting(db, ssh_host):
         assert res.rc != 0 and f"{fifo} is a FIFO, not a regular file" in res.output, res.output
     finally:
         fifo.unlink()
+
+
+def test_the_report_lists_every_host_failed_and_unreachable_ones_included(tmp_path, db, ssh_host):
+    ssh_host.write_env(env_text(db))
+    hosts = json.loads(ssh_host.inventory.read_text())["stock_monitoring_db"]["hosts"]
+    hosts["no-env"] = {**hosts["deploy-host"], "stock_monitoring_db_env_file": str(ssh_host.env_file) + ".missing"}
+    hosts["unreachable"] = {**hosts["deploy-host"], "ansible_port": free_port()}
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(json.dumps({"stock_monitoring_db": {"hosts": hosts}}))
+    report = tmp_path / "report.json"
+    res = run_playbook(DEPLOY, inventory=inventory, extra_vars={"stock_monitoring_db_report_file": str(report)})
+    assert res.rc != 0
+    entries = {entry["host"]: entry for entry in json.loads(report.read_text())}
+    assert sorted(entries) == ["deploy-host", "no-env", "unreachable"]
+    assert entries["deploy-host"]["failure"] == "" and entries["deploy-host"]["database_created"] is True
+    assert "does not exist on this host" in entries["no-env"]["failure"]
+    assert entries["unreachable"]["unreachable"] is True and "Connection refused" in entries["unreachable"]["failure"]
+    assert db.cluster.password not in report.read_text()
+
+
+def test_become_on_the_command_line_does_not_reach_the_report(tmp_path, db, ssh_host):
+    """-b for the deploy host's tasks only: becoming another user on the controller, where the report is
+    written, fails (here: su to nobody, whose shell refuses), so nothing of the report may run there."""
+    ssh_host.write_env(env_text(db))
+    inventory = json.loads(ssh_host.inventory.read_text())
+    inventory["stock_monitoring_db"]["hosts"]["deploy-host"]["ansible_become"] = False  # no sudo there either
+    (tmp_path / "hosts.yml").write_text(json.dumps(inventory))
+    report = tmp_path / "report.json"
+    res = run_playbook(DEPLOY, inventory=tmp_path / "hosts.yml", args=["-b", "--become-method=su", "--become-user=nobody"],
+                       extra_vars={"stock_monitoring_db_report_file": str(report)})
+    assert res.rc == 0, res.output
+    assert json.loads(report.read_text())[0]["host"] == "deploy-host"
