@@ -193,6 +193,12 @@ options:
       - Where the run comes from (for example the play and the controller), stored in the history.
     type: str
     default: ""
+  option_names:
+    description:
+      - How failure messages name options, for a role that exposes them under its own variable names,
+        e.g. C({unknown_versions: myrole_unknown_versions}). Options not listed are named as themselves.
+    type: dict
+    default: {}
   verify:
     description:
       - Report the state only, as a monitoring job needs it, never C(changed), with check mode or without.
@@ -391,6 +397,7 @@ ARGUMENT_SPEC = {
     "lock_wait_timeout": {"type": "int", "default": 300},
     "application_name": {"type": "str", "default": "pg_migrate"},
     "source": {"type": "str", "default": ""},
+    "option_names": {"type": "dict", "default": {}},
     "verify": {"type": "bool", "default": False},
     "findings": {"type": "dict"},
     "migrations_path": {"type": "str"},
@@ -402,7 +409,8 @@ def input_problem(params: dict) -> str | None:
     """What is wrong with the options before any connection, in the words of the option."""
     for option in DURATION_OPTIONS:
         if not TIMEOUT_RE.match(params[option]):
-            return f"{option}={params[option]!r} is not a PostgreSQL duration such as 5s, 500ms or 15min"
+            name = params["option_names"].get(option, option)
+            return f"{name}={params[option]!r} is not a PostgreSQL duration such as 5s, 500ms or 15min"
     for option, what in (("login_db", "Database name"), ("maintenance_db", "Maintenance database name"),
                          ("schema", "Schema name"), ("history_table", "History table name")):
         problem = name_problem(what, params[option])

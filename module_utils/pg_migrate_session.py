@@ -179,6 +179,10 @@ class Session:
         self.to_run: list[Migration] = []  # what ran, or in check mode what would run (for --diff)
         self.where = f"{params['login_host']}:{params['login_port']}"
 
+    def named(self, option: str) -> str:
+        """The option as the user set it: its name, or the role variable that option_names maps it to."""
+        return self.p["option_names"].get(option, option)
+
     # Connections ---------------------------------------------------------------------------------
     def _connect_once(self, dbname: str, read_only: bool) -> psycopg2.extensions.connection:
         options = f"-c lock_timeout={self.p['lock_timeout']} -c statement_timeout={self.p['statement_timeout']}"
@@ -315,8 +319,8 @@ class Session:
         while not self.query("SELECT pg_try_advisory_lock(%s)", (key,))[0][0]:
             if time.monotonic() >= deadline:
                 raise MigrationError(f"Another run holds the lock of {what} after waiting "
-                                     f"{self.p['lock_wait_timeout']} s: {self.lock_holders(key)}. "
-                                     "Wait for it to finish, or end that session")
+                                     f"{self.p['lock_wait_timeout']} s ({self.named('lock_wait_timeout')}): "
+                                     f"{self.lock_holders(key)}. Wait for it to finish, or end that session")
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
         return (time.monotonic() - began) * 1000
@@ -385,7 +389,8 @@ class Session:
                 raise self.no_createdb() from None
             except psycopg2.errors.LockNotAvailable:
                 raise MigrationError(
-                    f"Creating database {name!r} on {self.where} waited {self.p['lock_wait_timeout']} s for the "
+                    f"Creating database {name!r} on {self.where} waited {self.p['lock_wait_timeout']} s "
+                    f"({self.named('lock_wait_timeout')}) for the "
                     f"catalog pg_database: {self.catalog_lock_holders()}. Retry once that session is done") from None
             return True
         finally:
@@ -423,9 +428,10 @@ class Session:
         if code == "25001":
             msg += " Mark the file with '-- pg_migrate:no-transaction' in its first lines to run it outside a transaction."
         if code == "55P03":
-            msg += f" lock_timeout ({self.p['lock_timeout']}) expired: {self.relation_lock_holders()}."
+            msg += f" {self.named('lock_timeout')} ({self.p['lock_timeout']}) expired: {self.relation_lock_holders()}."
         if code == "57014":
-            msg += f" statement_timeout is {self.p['statement_timeout']}."
+            msg += (f" {self.named('statement_timeout')} is {self.p['statement_timeout']}: raise it for a migration "
+                    "that needs longer.")
         if code == "42501":
             msg += f" Grant role {self.p['login_user']!r} the privilege named above."
         return MigrationError(msg, failed_migration=mig.name, sqlstate=code, line=line)
@@ -507,7 +513,7 @@ class Session:
             result["server_version"] = self.server_version()
             if mode == "fail":
                 raise MigrationError(f"Database {self.p['login_db']!r} does not exist on {self.where}: "
-                                     "create it first, or set on_missing_database=create") from exc
+                                     f"create it first, or set {self.named('on_missing_database')}=create") from exc
             if check and mode == "create" and not self.can_create_databases():
                 raise self.no_createdb() from None  # the plan predicts the failure the deploy would have
             if check or mode == "report":
@@ -532,7 +538,7 @@ class Session:
         history = self.read_history() if state["history_exists"] else {}
         result["adopting"] = state["adopting"]
         plan = make_plan(migrations, history, self.p["accepted_changes"], self.p["unknown_versions"],
-                         self.p["out_of_order"])
+                         self.p["out_of_order"], self.p["option_names"])
         result.update(already_applied=[{"version": m.version, "name": m.name} for m in plan.already_applied],
                       accepted=plan.accepted, drift=plan.drift)
         for mig in plan.pending:

@@ -288,3 +288,30 @@ def test_verify_reports_pending_files_and_drift_and_a_plan_reports_no_problem():
     assert outcome(result, "h", LOGIN, "s", "verify", check=True)["problems"] == [
         "pending migrations: 024_x.sql", "drift: 023_y.sql unknown"]
     assert outcome(result, "h", LOGIN, "s", "deploy", check=True)["problems"] == []
+
+
+def test_messages_name_the_role_variables_a_user_sets(tmp_path, db):
+    assert play(tmp_path, db).rc == 0
+    edited = write_migrations(tmp_path / "edited", {"022_stock_monitoring_schema.sql": (
+        MIGRATIONS / "022_stock_monitoring_schema.sql").read_text() + "\n-- edited\n"}, with_real=False)
+    (edited / "023_stock_monitoring_notifications.sql").write_text(
+        (MIGRATIONS / "023_stock_monitoring_notifications.sql").read_text())
+    res = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(edited)})
+    assert res.rc != 0 and "stock_monitoring_db_accepted_changes: [{version: 22, old_checksum:" in res.output, res.output
+    only_022 = write_migrations(tmp_path / "only-022", {"022_stock_monitoring_schema.sql": (
+        MIGRATIONS / "022_stock_monitoring_schema.sql").read_text()})
+    res = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(only_022)})
+    assert res.rc != 0 and "set stock_monitoring_db_unknown_versions=warn" in res.output, res.output
+    slow = write_migrations(tmp_path / "slow", {"024_slow.sql": "SELECT pg_sleep(5);\n"}, with_real=True)
+    res = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(slow),
+                                    "stock_monitoring_db_statement_timeout": "1s"})
+    assert res.rc != 0 and "stock_monitoring_db_statement_timeout is 1s" in res.output, res.output
+
+
+def test_a_history_row_deleted_by_hand_is_not_answered_with_renumber(tmp_path, db):
+    assert play(tmp_path, db).rc == 0
+    db.query("DELETE FROM stock_monitoring.pg_migrate_history WHERE version = 22")
+    res = play(tmp_path, db)
+    assert res.rc != 0 and "022_stock_monitoring_schema.sql" in res.output
+    assert "its history row was deleted" in res.output and "stock_monitoring_db_out_of_order=apply" in res.output, \
+        res.output
