@@ -195,8 +195,9 @@ options:
     default: ""
   option_names:
     description:
-      - How failure messages name options, for a role that exposes them under its own variable names,
-        e.g. C({unknown_versions: myrole_unknown_versions}). Options not listed are named as themselves.
+      - How failure messages name options, for a role that exposes them under its own variable names.
+        It maps an option to a name, for example C(unknown_versions) to C(myrole_unknown_versions).
+        Options not listed are named as themselves.
     type: dict
     default: {}
   verify:
