@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
-SCENARIOS := default adopt failing-migration no-psycopg2
+SCENARIOS := default adopt failing-migration no-psycopg2 cd-over-ssh
 # Offline-built images by default; on a machine with a registry set these to the official images
 # (postgres:15 and debian:bookworm), as the GitHub workflow does.
 export MOLECULE_POSTGRES_IMAGE ?= stock-monitoring-db/postgres:15

@@ -11,7 +11,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import DEPLOY_USER, ROOT, env_text, free_port, python_without_psycopg2, recap, run_playbook
+from conftest import ROOT, Result, env_text, python_without_psycopg2, recap, run_playbook
+from pgcluster import free_port
+from sshhost import DEPLOY_USER
 
 DEPLOY = ROOT / "playbooks" / "deploy-db.yml"
 
@@ -79,22 +81,29 @@ def runner_temp():
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def cd_playbook(step: str, inventory: Path, job_env: dict, cwd: Path, **env: str) -> Result:
+    """scripts/cd-playbook.sh as a workflow step runs it: the job's environment, nothing of the tests'."""
+    full = {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], "STOCK_MONITORING_DB_INVENTORY": str(inventory),
+            **job_env, **env}
+    return Result(subprocess.run([str(ROOT / "scripts" / "cd-playbook.sh"), step], capture_output=True, text=True,
+                                 env=full, cwd=cwd, timeout=300))
+
+
 def test_the_cd_sequence_over_ssh_plans_deploys_verifies_and_then_changes_nothing(db, ssh_host, runner_temp):
     ssh_host.write_env(env_text(db))
     inventory = production_inventory(ssh_host, runner_temp)
     key = (ssh_host.root / "client_key").read_text()
     ci_ssh_setup(runner_temp, key, ssh_host.known_hosts_line)
     job_env = ci_ssh_setup(runner_temp, key, ssh_host.known_hosts_line)  # a second run in one job works too
-    # A relative report path is taken from where ansible-playbook runs, as any path on its command line.
-    plan = run_playbook(DEPLOY, inventory=inventory, args=["--check", "--diff"], cwd=runner_temp,
-                        env={**job_env, "STOCK_MONITORING_DB_REPORT": "plan-report.json"})
+    # A relative report path is taken from where the step runs, as any path on a command line.
+    plan = cd_playbook("plan", inventory, job_env, runner_temp, STOCK_MONITORING_DB_REPORT="plan-report.json")
     assert plan.rc == 0 and "database: would be created" in plan.output, plan.output
     assert json.loads((runner_temp / "plan-report.json").read_text())[0]["mode"] == "plan" and not db.exists()
-    deploy = run_playbook(DEPLOY, inventory=inventory, env=job_env)
+    deploy = cd_playbook("deploy", inventory, job_env, runner_temp)
     assert deploy.rc == 0 and "applied: 022_stock_monitoring_schema.sql" in deploy.output, deploy.output
-    verify = run_playbook(ROOT / "playbooks" / "verify-db.yml", inventory=inventory, env=job_env)
+    verify = cd_playbook("verify", inventory, job_env, runner_temp)
     assert verify.rc == 0, verify.output
-    again = run_playbook(DEPLOY, inventory=inventory, env=job_env)
+    again = cd_playbook("deploy", inventory, job_env, runner_temp)
     assert again.rc == 0 and recap(again.output)["stock-monitoring-prod-1"]["changed"] == 0, again.output
     # OpenSSH added none of the host's other keys to the pinned file.
     assert (runner_temp / "stock-monitoring-db-ssh" / "known_hosts").read_text() == ssh_host.known_hosts_line + "\n"
