@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
+import sshhost
 from pgcluster import Cluster
 
 MIGRATIONS = ROOT / "roles" / "stock_monitoring_db" / "files" / "migrations"
@@ -55,9 +56,12 @@ class Bench:
                        env={**os.environ, **self.pg.env()}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def playbook(self, book: Path, extra: dict | None = None, env: dict | None = None,
-                 inventory: str = "localhost,") -> subprocess.CompletedProcess:
-        cmd = [str(BIN / "ansible-playbook"), str(book), "-i", inventory, "-c", "local",
-               "-e", json.dumps({"ansible_python_interpreter": sys.executable, **(extra or {})})]
+                 inventory: str = "localhost,", local: bool = True) -> subprocess.CompletedProcess:
+        cmd = [str(BIN / "ansible-playbook"), str(book), "-i", inventory]
+        if local:
+            cmd += ["-c", "local", "-e", json.dumps({"ansible_python_interpreter": sys.executable})]
+        if extra:
+            cmd += ["-e", json.dumps(extra)]
         res = subprocess.run(cmd, capture_output=True, text=True, env={**self.env, **(env or {})}, cwd=ROOT)
         if res.returncode:
             sys.exit(f"bench: {book.name} failed:\n{res.stdout[-3000:]}{res.stderr[-2000:]}")
@@ -73,9 +77,9 @@ class Bench:
         book.write_text(json.dumps([{"hosts": "localhost", "gather_facts": False, "tasks": [task]}]))
         return book
 
-    def ping_book(self) -> Path:
-        book = self.work / "ping.yml"
-        book.write_text(json.dumps([{"hosts": "localhost", "gather_facts": False,
+    def ping_book(self, hosts: str = "localhost") -> Path:
+        book = self.work / f"ping-{hosts}.yml"
+        book.write_text(json.dumps([{"hosts": hosts, "gather_facts": False,
                                      "tasks": [{"name": "Ping", "ansible.builtin.ping": {}}]}]))
         return book
 
@@ -164,6 +168,31 @@ def big_file_rows(b: Bench) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def ssh_noop_rows(b: Bench, db: str) -> tuple[float, list[tuple[str, str, str, str]]]:
+    """deploy-db.yml with inventory/production's settings (JSON report on) over real SSH to a non-root
+    user, its Python found by interpreter discovery as in production, against ping over the same hosts."""
+    host = sshhost.start("smdb-bench-ssh-")
+    try:
+        host.write_env(b.env_file(db).read_text())
+        inventory = json.loads(host.inventory.read_text())
+        del inventory["stock_monitoring_db"]["hosts"]["deploy-host"]["ansible_python_interpreter"]
+        inventory["stock_monitoring_db"]["vars"] = {"stock_monitoring_db_environment": "production",
+                                                    "stock_monitoring_db_report_file": str(b.work / "report.json")}
+        path = b.work / "ssh-inventory.json"
+        path.write_text(json.dumps(inventory))
+        deploy = ROOT / "playbooks" / "deploy-db.yml"
+        ours, ping = interleaved(9, lambda: b.playbook(deploy, inventory=str(path), local=False),
+                                 lambda: b.playbook(b.ping_book("stock_monitoring_db"), inventory=str(path), local=False))
+        execs = module_executions(b.playbook(deploy, inventory=str(path), local=False,
+                                             env={"ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"}))
+    finally:
+        host.stop()
+    return ours / ping, [
+        ("no-op `deploy-db.yml` over SSH, CD settings (report on)", f"{ours:.2f} s", f"{ping:.2f} s (ping play, same SSH)",
+         f"{ours / ping:.2f}x (target <= 2x)"),
+        ("module executions per host over SSH", f"{execs} no-op", "1 (ping)", "target <= 2")]
+
+
 def module_executions(result: subprocess.CompletedProcess) -> int:
     tasks = json.loads(result.stdout[result.stdout.index("{"):])["plays"][0]["tasks"]
     return sum(1 for t in tasks for r in t["hosts"].values()
@@ -229,6 +258,11 @@ def main() -> None:
                      ("module executions per host", f"{execs} no-op, {first_execs} first deploy", "1 (ping)",
                       "target <= 2")]
 
+            print("bench: no-op deploy over SSH, as the CD deploy job runs it, against the ping play over the same "
+                  "SSH inventory (9 runs each, alternating)", flush=True)
+            ssh_ratio, ssh_rows = ssh_noop_rows(b, applied_db(b.deploy)())
+            rows += ssh_rows
+
             print("bench: 8 concurrent first deploys of one database against one (3 runs)", flush=True)
             one = median(3, lambda: b.fresh_db(create=False), b.deploy)
 
@@ -239,7 +273,7 @@ def main() -> None:
             eight_t = median(3, lambda: b.fresh_db(create=False), eight)
             rows.append(("8 concurrent first deploys, one database", f"{eight_t:.2f} s", f"{one:.2f} s (one deploy)",
                          f"{eight_t / one:.1f}x"))
-            ok = fresh_ratio <= 1.4 and noop_ratio <= 1.1 and deploy_ratio <= 2 and execs <= 2
+            ok = fresh_ratio <= 1.4 and noop_ratio <= 1.1 and deploy_ratio <= 2 and execs <= 2 and ssh_ratio <= 2
         if "big" in parts:
             big = big_file_rows(b)
             rows += big

@@ -6,10 +6,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import pwd
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +25,8 @@ MIGRATIONS = ROOT / "roles" / "stock_monitoring_db" / "files" / "migrations"
 EXPECTED = ["alerts", "audit_log", "notifications", "watchlist_items", "watchlists"]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from pgcluster import Cluster, free_port
+import sshhost
+from pgcluster import Cluster
 
 # Our module_utils import as ansible.module_utils.<name>, as they do inside a module run.
 ansible.module_utils.__path__.append(str(ROOT / "module_utils"))
@@ -245,76 +244,12 @@ def python_without_psycopg2(folder: Path) -> Path:
     return folder / "bin" / "python"
 
 
-DEPLOY_USER = "smdb-deploy"
-
-
-class SshHost:
-    """This machine as a deploy host reached over real SSH: an sshd of the tests' own on a free
-    127.0.0.1 port, key-only login as the non-root user smdb-deploy, its host key pinned."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        home = Path(pwd.getpwnam(DEPLOY_USER).pw_dir)
-        self.env_file = home / "stock-monitoring" / ".env"
-        for name, kind in (("client_key", "ed25519"), ("host_key", "ed25519"), ("host_key_ecdsa", "ecdsa")):
-            subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(root / name)], check=True)
-        ssh_dir = home / ".ssh"
-        ssh_dir.mkdir(mode=0o700, exist_ok=True)
-        (ssh_dir / "authorized_keys").write_text((root / "client_key.pub").read_text())
-        self.env_file.parent.mkdir(mode=0o700, exist_ok=True)
-        for path in (ssh_dir, ssh_dir / "authorized_keys", self.env_file.parent):
-            shutil.chown(path, DEPLOY_USER, DEPLOY_USER)
-        (root / "sshd_config").write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_key'}\nHostKey {root / 'host_key_ecdsa'}\n"
-            f"PidFile {root / 'sshd.pid'}\n"
-            f"AllowUsers {DEPLOY_USER}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-            "PermitRootLogin no\n")
-        # Only one of its two host keys is pinned, as in a known_hosts secret that lists one.
-        self.known_hosts_line = f"[127.0.0.1]:{self.port} {(root / 'host_key.pub').read_text()}"
-        (root / "known_hosts").write_text(self.known_hosts_line)
-        Path("/run/sshd").mkdir(exist_ok=True)
-        self.sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(root / "sshd_config"), "-E",
-                                      str(root / "sshd.log")])
-        self.inventory = root / "hosts.yml"
-        self.inventory.write_text(json.dumps({"stock_monitoring_db": {"hosts": {"deploy-host": {
-            "ansible_host": "127.0.0.1", "ansible_port": self.port, "ansible_user": DEPLOY_USER,
-            "ansible_ssh_private_key_file": str(root / "client_key"),
-            "ansible_ssh_common_args": f"-o UserKnownHostsFile={root / 'known_hosts'} -o StrictHostKeyChecking=yes "
-                                       f"-o ControlPath={root}/cp-%C",
-            "ansible_python_interpreter": "/usr/bin/python3",
-            "stock_monitoring_db_env_file": str(self.env_file)}}}}))
-        wait_for(self.listening, "sshd to listen", 10)
-
-    def listening(self) -> bool:
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def write_env(self, text: str) -> None:
-        """The backend's .env on the deploy host, readable by the deploy user only."""
-        self.env_file.write_text(text)
-        os.chmod(self.env_file, 0o600)
-        shutil.chown(self.env_file, DEPLOY_USER, DEPLOY_USER)
-
-    def stop(self) -> None:
-        self.sshd.terminate()
-        self.sshd.wait(10)
-        self.env_file.unlink(missing_ok=True)  # it holds the throwaway cluster's password
-
-
 @pytest.fixture(scope="session")
 def ssh_host():
     if os.geteuid() != 0:
         pytest.skip("the SSH tests create the deploy user and run sshd: run them as root (CI does)")
     if not Path("/usr/sbin/sshd").exists() or subprocess.run(["/usr/bin/python3", "-c", "import psycopg2"]).returncode:
         pytest.fail("openssh-server or python3-psycopg2 is missing: run scripts/host-deps.sh (make pytest does)")
-    try:
-        pwd.getpwnam(DEPLOY_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", DEPLOY_USER], check=True)
-        subprocess.run(["usermod", "-p", "*", DEPLOY_USER], check=True)  # no password, but not locked
-    root = Path(tempfile.mkdtemp(prefix="smdb-test-ssh-"))
-    host = SshHost(root)
+    host = sshhost.start("smdb-test-ssh-")
     yield host
     host.stop()
-    shutil.rmtree(root, ignore_errors=True)
