@@ -193,6 +193,37 @@ options:
       - Where the run comes from (for example the play and the controller), stored in the history.
     type: str
     default: ""
+  lock_retries:
+    description:
+      - How a transactional file that loses a race for a lock is retried, as GitLab's C(with_lock_retries)
+        does. Each entry is one attempt (or O(lock_retries[].times) attempts). The file runs with that
+        attempt's C(lock_timeout); when it fails on C(lock_timeout) (SQLSTATE 55P03) or is chosen as a
+        deadlock victim (40P01), it was rolled back whole, and runs again from its start after
+        O(lock_retries[].sleep). Queries queued behind its lock wait at most one attempt's lock_timeout.
+      - When the last attempt fails, the run fails naming the sessions that hold locks in the schema.
+      - A no-transaction file runs each statement in its own transaction, so a statement that loses a
+        lock race left nothing and is retried alone with the same schedule; the statements before it
+        stay applied. A C(CONCURRENTLY) statement is not retried (a failed one leaves an invalid index)
+        and runs under O(lock_timeout).
+      - The schedule's lock_timeout is set before the file's own statements, so a file that sets
+        C(lock_timeout) itself overrides it in a transactional file (not in a no-transaction one).
+      - Empty (the default) means no retry, one attempt under O(lock_timeout).
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      lock_timeout:
+        description: The attempt's lock_timeout, a PostgreSQL duration (V(100ms), V(1s)).
+        type: str
+        required: true
+      sleep:
+        description: The pause after the attempt lost a lock race, a duration (V(50ms), V(2s)).
+        type: str
+        required: true
+      times:
+        description: How many attempts this entry stands for.
+        type: int
+        default: 1
   option_names:
     description:
       - How failure messages name options, for a role that exposes them under its own variable names.
@@ -287,12 +318,14 @@ adopting:
   returned: always
   type: bool
 applied:
-  description: Files applied by this run (in check mode, none).
+  description:
+    - Files applied by this run (in check mode, none).
+    - C(attempts) counts the file's runs under O(lock_retries); it is also recorded in the history table.
   returned: always
   type: list
   elements: dict
   sample: [{version: 23, name: 023_stock_monitoring_notifications.sql, checksum: 9a0b41, duration_ms: 12.5,
-            transactional: true, adopted: false}]
+            transactional: true, adopted: false, attempts: 1}]
 pending:
   description: Files not applied after this run (in check mode, those that would be applied).
   returned: always
@@ -366,7 +399,7 @@ import time
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-from ansible.module_utils.pg_migrate_plan import MigrationError, first_line, load_migrations, name_problem
+from ansible.module_utils.pg_migrate_plan import MigrationError, first_line, load_migrations, lock_schedule, name_problem
 from ansible.module_utils.pg_migrate_session import PSYCOPG2_IMPORT_ERROR, Session, psycopg2, watch_controller
 
 DURATION_OPTIONS = ("lock_timeout", "statement_timeout")
@@ -398,6 +431,10 @@ ARGUMENT_SPEC = {
     "lock_wait_timeout": {"type": "int", "default": 300},
     "application_name": {"type": "str", "default": "pg_migrate"},
     "source": {"type": "str", "default": ""},
+    "lock_retries": {"type": "list", "elements": "dict", "default": [], "options": {
+        "lock_timeout": {"type": "str", "required": True},
+        "sleep": {"type": "str", "required": True},
+        "times": {"type": "int", "default": 1}}},
     "option_names": {"type": "dict", "default": {}},
     "verify": {"type": "bool", "default": False},
     "findings": {"type": "dict"},
@@ -412,6 +449,10 @@ def input_problem(params: dict) -> str | None:
         if not TIMEOUT_RE.match(params[option]):
             name = params["option_names"].get(option, option)
             return f"{name}={params[option]!r} is not a PostgreSQL duration such as 5s, 500ms or 15min"
+    try:
+        lock_schedule(params["lock_retries"])
+    except ValueError as exc:
+        return f"{params['option_names'].get('lock_retries', 'lock_retries')}: {exc}"
     for option, what in (("login_db", "Database name"), ("maintenance_db", "Maintenance database name"),
                          ("schema", "Schema name"), ("history_table", "History table name")):
         problem = name_problem(what, params[option])

@@ -154,6 +154,34 @@ def make_plan(migrations: list[Migration], history: dict[int, dict], accepted_ch
     return Plan(pending, already_applied, accepted, drift)
 
 
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)(us|ms|s|min|h|d)?$")
+UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+# SQLSTATEs of a file that lost a race for a lock and was rolled back whole: lock_not_available, deadlock_detected.
+LOCK_CONFLICTS = ("55P03", "40P01")
+
+
+def seconds(duration: str) -> float:
+    """A PostgreSQL duration (5s, 500ms, 15min; no unit: milliseconds) in seconds."""
+    m = DURATION.match(str(duration).strip())
+    if not m:
+        raise ValueError(f"{duration!r} is not a duration such as 100ms, 5s or 15min")
+    return float(m.group(1)) * UNIT_SECONDS[m.group(2) or "ms"]
+
+
+@dataclass
+class Attempt:
+    lock_timeout: str | None  # None: the session's lock_timeout (retries off)
+    pause: float  # seconds to wait after this attempt lost a lock race, before the next one
+
+
+def lock_schedule(entries: list[dict]) -> list[Attempt]:
+    """The attempts of a file, from [{lock_timeout, sleep, times}]; none listed: one attempt, no retry."""
+    attempts = [Attempt(str(e["lock_timeout"]), seconds(e["sleep"])) for e in entries for _ in range(e.get("times") or 1)]
+    for a in attempts:
+        seconds(a.lock_timeout)  # validated here, before anything runs
+    return attempts or [Attempt(None, 0.0)]
+
+
 def advisory_key(*parts: str) -> int:
     """A stable signed 64-bit advisory lock key, e.g. for one history table (schema, table)."""
     digest = hashlib.sha256(("pg_migrate:" + ".".join(parts)).encode()).digest()

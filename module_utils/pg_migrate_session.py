@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import signal
 import socket
@@ -16,11 +17,14 @@ import traceback
 from collections.abc import Callable
 
 from ansible.module_utils.pg_migrate_plan import (
+    LOCK_CONFLICTS,
+    Attempt,
     Migration,
     MigrationError,
     advisory_key,
     first_line,
     line_of,
+    lock_schedule,
     make_plan,
 )
 
@@ -67,7 +71,8 @@ SELECT n.oid IS NOT NULL, pg_get_userbyid(n.nspowner), n.oid IS NULL OR n.nspown
        EXISTS (SELECT 1 FROM pg_class t WHERE t.relnamespace = n.oid AND t.relkind IN ('r', 'p')
                AND t.relname <> %(table)s),
        has_database_privilege(current_database(), 'CREATE'),
-       n.oid IS NOT NULL AND has_schema_privilege(n.oid, 'CREATE')
+       n.oid IS NOT NULL AND has_schema_privilege(n.oid, 'CREATE'),
+       EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = c.oid AND attname = 'attempts' AND NOT attisdropped)
 FROM (SELECT 1) one
 LEFT JOIN pg_namespace n ON n.nspname = %(schema)s
 LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = %(table)s
@@ -88,6 +93,16 @@ def classify_connect_error(message: str) -> str:
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+# CREATE INDEX / REINDEX ... CONCURRENTLY: a failure leaves an invalid index, so such a statement is not retried.
+CONCURRENTLY = re.compile(r"\bCONCURRENTLY\b", re.IGNORECASE)
+
+
+class LockRace(Exception):
+    """A transactional file lost a race for a lock (lock_timeout, deadlock victim) and was rolled back whole."""
+
+    def __init__(self, step: Attempt) -> None:
+        super().__init__("lock race")
+        self.step = step
 
 
 def parent_of(pid: int) -> int | None:
@@ -178,6 +193,7 @@ class Session:
         self.conn = None
         self.to_run: list[Migration] = []  # what ran, or in check mode what would run (for --diff)
         self.where = f"{params['login_host']}:{params['login_port']}"
+        self.schedule = lock_schedule(params["lock_retries"])
 
     def named(self, option: str) -> str:
         """The option as the user set it: its name, or the role variable that option_names maps it to."""
@@ -242,7 +258,7 @@ class Session:
         """
         row = self.query(INSPECT, {"schema": self.schema, "table": self.table})[0]
         (schema_exists, schema_owner, schema_trusted, history_exists, table_owner, table_trusted, relkind,
-         attachments, has_tables, can_create_schema, can_create_in_schema) = row
+         attachments, has_tables, can_create_schema, can_create_in_schema, has_attempts) = row
         user = self.p["login_user"]
         for exists, trusted, kind, name, owner in (
                 (schema_exists, schema_trusted, "Schema", self.schema, schema_owner),
@@ -261,7 +277,8 @@ class Session:
                 "them, after finding out who added them")
         return {"schema_exists": schema_exists, "history_exists": history_exists,
                 "adopting": not history_exists and has_tables,
-                "can_create_schema": can_create_schema, "can_create_in_schema": can_create_in_schema}
+                "can_create_schema": can_create_schema, "can_create_in_schema": can_create_in_schema,
+                "history_has_attempts": has_attempts}
 
     def read_history(self) -> dict[int, dict]:
         rows = self.query(pgsql.SQL("SELECT version, name, checksum FROM {}").format(self.history_ident()))
@@ -307,6 +324,7 @@ class Session:
             " adopted boolean NOT NULL DEFAULT false,"
             " host text NOT NULL,"
             " source text NOT NULL DEFAULT '',"
+            " attempts integer NOT NULL DEFAULT 1,"
             " previous_checksum text,"
             " checksum_accepted_at timestamptz)").format(self.history_ident()))
 
@@ -397,7 +415,8 @@ class Session:
             self.query("SELECT pg_advisory_unlock(%s)", (key,))
 
     # Applying ------------------------------------------------------------------------------------------
-    def statement_error(self, mig: Migration, exc: psycopg2.Error, offset: int, index: int | None) -> MigrationError:
+    def statement_error(self, mig: Migration, exc: psycopg2.Error, offset: int, index: int | None,
+                        attempts: int = 1) -> MigrationError:
         """Name the file, the line (from the server's error position) and what became of the file."""
         pos = getattr(exc.diag, "statement_position", None)
         line = None
@@ -427,8 +446,13 @@ class Session:
         msg = f"{where}: SQLSTATE {code} {psycopg2.errorcodes.lookup(code).lower()}: {message}. {effect}"
         if code == "25001":
             msg += " Mark the file with '-- pg_migrate:no-transaction' in its first lines to run it outside a transaction."
-        if code == "55P03":
-            msg += f" {self.named('lock_timeout')} ({self.p['lock_timeout']}) expired: {self.relation_lock_holders()}."
+        if code in LOCK_CONFLICTS and attempts > 1:
+            msg += (f" It lost the race for its locks on each of {attempts} attempts "
+                    f"({self.named('lock_retries')}): {self.relation_lock_holders()}.")
+        elif code == "55P03":
+            timeout = self.schedule[0].lock_timeout or self.p["lock_timeout"]
+            setting = self.named("lock_retries" if self.schedule[0].lock_timeout else "lock_timeout")
+            msg += f" lock_timeout ({timeout}, {setting}) expired: {self.relation_lock_holders()}."
         if code == "57014":
             msg += (f" {self.named('statement_timeout')} is {self.p['statement_timeout']}: raise it for a migration "
                     "that needs longer.")
@@ -436,21 +460,43 @@ class Session:
             msg += f" Grant role {self.p['login_user']!r} the privilege named above."
         return MigrationError(msg, failed_migration=mig.name, sqlstate=code, line=line)
 
-    def run_file(self, mig: Migration) -> None:
-        """A transactional file goes to the server whole (its parser reads it); the other one statement at a time."""
+    def run_file(self, mig: Migration, attempt: int) -> None:
+        """A transactional file goes to the server whole (its parser reads it), in the transaction apply()
+        opened, under the lock_timeout of this attempt; raise LockRace when it lost a race for a lock
+        and another attempt is left. A no-transaction file runs one statement at a time: see run_statement."""
         with self.conn.cursor() as cur:
             if mig.transactional:
                 try:
                     cur.execute(mig.text)
                 except psycopg2.Error as exc:
                     self.rollback(mig)
-                    raise self.statement_error(mig, exc, 0, None) from None
+                    if exc.pgcode in LOCK_CONFLICTS and attempt < len(self.schedule):
+                        raise LockRace(self.schedule[attempt - 1]) from None
+                    raise self.statement_error(mig, exc, 0, None, attempt) from None
                 return
             for index, (start, end, _line) in enumerate(mig.statements, 1):
-                try:
-                    cur.execute(mig.text[start:end])
-                except psycopg2.Error as exc:
-                    raise self.statement_error(mig, exc, start, index) from None
+                self.run_statement(cur, mig, index, start, end)
+
+    def run_statement(self, cur: psycopg2.extensions.cursor, mig: Migration, index: int, start: int, end: int) -> None:
+        """One statement of a no-transaction file, its own transaction: when it loses a lock race, nothing of it
+        stayed, so it alone is retried by the schedule. Not a CONCURRENTLY statement, which leaves an invalid
+        index behind when it fails: it runs once, under the session's lock_timeout."""
+        text = mig.text[start:end]
+        schedule = [Attempt(None, 0.0)] if CONCURRENTLY.search(text) else self.schedule
+        for attempt, step in enumerate(schedule, 1):
+            if step.lock_timeout:
+                cur.execute("SELECT set_config('lock_timeout', %s, false)", (step.lock_timeout,))
+            try:
+                cur.execute(text)
+                return
+            except psycopg2.Error as exc:
+                if exc.pgcode in LOCK_CONFLICTS and attempt < len(schedule):
+                    time.sleep(step.pause)
+                    continue
+                raise self.statement_error(mig, exc, start, index, attempt) from None
+            finally:
+                if step.lock_timeout and not self.conn.closed:
+                    cur.execute("RESET lock_timeout")
 
     def apply(self, mig: Migration, create_history: bool, adopting: bool) -> dict:
         """Run one file from the session's defaults, then record it; a transactional file and its row commit together.
@@ -459,11 +505,22 @@ class Session:
         create the managed schema itself without IF NOT EXISTS.
         """
         began = time.monotonic()
+        for attempt, step in enumerate(self.schedule if mig.transactional else [Attempt(None, 0.0)], 1):
+            try:
+                return self.apply_once(mig, create_history, adopting, began, attempt, step)
+            except LockRace as race:
+                time.sleep(race.step.pause)
+        raise AssertionError("the last attempt never raises LockRace")
+
+    def apply_once(self, mig: Migration, create_history: bool, adopting: bool, began: float, attempt: int,
+                   step: Attempt) -> dict:
         cur = self.conn.cursor()
         try:
             cur.execute(RESET_SESSION + ("; BEGIN" if mig.transactional else ""))
+            if step.lock_timeout:
+                cur.execute("SELECT set_config('lock_timeout', %s, true)", (step.lock_timeout,))
             before = self.catalog_fingerprint() if adopting else None
-            self.run_file(mig)
+            self.run_file(mig, attempt)
             adopted = adopting and before == self.catalog_fingerprint()
             # The history row is written by the login, whatever role or settings the file chose.
             cur.execute("SET LOCAL SESSION AUTHORIZATION DEFAULT; SET LOCAL ROLE NONE" if mig.transactional
@@ -472,9 +529,10 @@ class Session:
                 self.create_history()
             duration = (time.monotonic() - began) * 1000
             cur.execute(pgsql.SQL("INSERT INTO {} (version, name, checksum, duration_ms, transactional, adopted, host, "
-                                  "source) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)").format(self.history_ident()),
+                                  "source, attempts) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)").format(
+                            self.history_ident()),
                         (mig.version, mig.name, mig.checksum, round(duration, 3), mig.transactional, adopted,
-                         socket.gethostname(), self.p["source"]))
+                         socket.gethostname(), self.p["source"], attempt))
             if mig.transactional:
                 cur.execute("COMMIT")
         except psycopg2.Error as exc:
@@ -483,7 +541,7 @@ class Session:
                                  f"SQLSTATE {exc.pgcode}: {first_line(str(exc))}. The file was not recorded"
                                  + (" (its statements stayed committed)" if not mig.transactional else
                                     " and nothing of it was applied")) from None
-        return {**mig.summary(), "duration_ms": round(duration, 3), "adopted": adopted}
+        return {**mig.summary(), "duration_ms": round(duration, 3), "adopted": adopted, "attempts": attempt}
 
     def rollback(self, mig: Migration) -> None:
         """End a failed file's transaction; a lost connection needs nothing (the server rolls back)."""
@@ -548,6 +606,10 @@ class Session:
                 self.warn(f"Version {d['version']} ({d['name']}) is in the history but has no file")
         if plan.pending and not self.verify:
             self.check_privileges(state)  # in check mode too: the plan predicts the failure
+        if plan.pending and not check and state["history_exists"] and not state["history_has_attempts"]:
+            # A history table made before attempts were recorded.
+            self.query(pgsql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 1").format(
+                self.history_ident()))
         if check:
             result["pending"] = [m.summary() for m in plan.pending]
             self.to_run = plan.pending

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ansible.module_utils import pg_migrate_plan as pm
-from conftest import EXPECTED, MIGRATIONS, ROOT, ansible_env, module_params, run_module
+from conftest import EXPECTED, MIGRATIONS, ROOT, ansible_env, module_params, read_migrations, run_module
 
 
 def test_fresh_apply_then_noop(tmp_path, db):
@@ -243,3 +243,14 @@ def test_a_large_migration_travels_as_a_temporary_file_and_leaves_nothing_behind
     assert run.rc == 0 and res["applied"][0]["name"] == "001_big.sql", run.output
     assert db.query("SELECT count(*) FROM public.big")[0][0] == 40_000
     assert not [p for p in remote_tmp.rglob("*") if p.is_file()]
+
+
+def test_a_history_table_from_before_attempts_were_recorded_gets_the_column(tmp_path, db):
+    res, run = run_module(tmp_path, "pg_migrate", module_params(db, on_missing_database="create"))
+    assert run.rc == 0, run.output
+    db.query("ALTER TABLE stock_monitoring.pg_migrate_history DROP COLUMN attempts")
+    more = {**read_migrations(MIGRATIONS), "024_more.sql": "CREATE TABLE stock_monitoring.more (id int);\n"}
+    res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations=more))
+    assert run.rc == 0 and res["applied"][0]["attempts"] == 1, run.output
+    assert db.query("SELECT version, attempts FROM stock_monitoring.pg_migrate_history ORDER BY 1") == [
+        (22, 1), (23, 1), (24, 1)]

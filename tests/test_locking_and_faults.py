@@ -93,7 +93,7 @@ def test_connection_terminated_by_the_server(tmp_path, db):
     assert_consistent(db, [22, 23, 24])
 
 
-def test_lock_timeout_names_the_blocker_and_never_stalls_readers(tmp_path, db):
+def test_without_lock_retries_lock_timeout_names_the_blocker_and_never_stalls_readers(tmp_path, db):
     assert play(tmp_path, db).rc == 0
     blocker = db.connect(autocommit=False)
     cur = blocker.cursor()
@@ -102,7 +102,8 @@ def test_lock_timeout_names_the_blocker_and_never_stalls_readers(tmp_path, db):
     alter = "ALTER TABLE stock_monitoring.alerts ADD COLUMN note text;\n"
     folder = write_migrations(tmp_path / "m", {"024_alter.sql": alter}, with_real=True)
     started = time.monotonic()
-    proc = background_deploy(tmp_path, db, folder, stock_monitoring_db_lock_timeout="1s")
+    proc = background_deploy(tmp_path, db, folder, stock_monitoring_db_lock_timeout="1s",
+                             stock_monitoring_db_lock_retries=[])
     wait_for(lambda: db.query("SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE NOT l.granted "
                               "AND a.application_name = %s", (APP,)), "the ALTER TABLE to queue")
     waited = {}
@@ -125,7 +126,8 @@ def test_lock_timeout_names_the_blocker_and_never_stalls_readers(tmp_path, db):
     assert_secret_free(res.output, db.cluster.password)
     assert "Migration 024_alter.sql failed (the server gives no position for this error): SQLSTATE 55P03 " \
         "lock_not_available" in res.output
-    assert f"lock_timeout (1s) expired: blocked by pid {blocker_pid} (user postgres, application 'long-report'" in res.output
+    assert (f"lock_timeout (1s, stock_monitoring_db_lock_timeout) expired: blocked by pid {blocker_pid} "
+            "(user postgres, application 'long-report'") in res.output
     assert waited["s"] < 2.0, f"a reader waited {waited['s']:.2f} s behind the migration"
     assert time.monotonic() - started < 60
     assert "note" not in [r[0] for r in db.query("SELECT column_name FROM information_schema.columns "
@@ -256,6 +258,103 @@ def test_a_deploy_waiting_on_create_index_concurrently_never_deadlocks(tmp_path,
     assert [r[0] for r in db.history()] == [22, 23, 24]
     valid = db.query("SELECT indisvalid FROM pg_index WHERE indexrelid = 'stock_monitoring.alerts_created_idx'::regclass")
     assert valid == [(True,)]
+
+
+class Report:
+    """A long report transaction: it reads alerts (ACCESS SHARE, which an ALTER TABLE waits for) until ended."""
+
+    def __init__(self, db: Db) -> None:
+        self.conn = db.connect(autocommit=False)
+        self.pid = self.conn.get_backend_pid()
+        cur = self.conn.cursor()
+        cur.execute("SET application_name = 'long-report'")
+        cur.execute("SELECT count(*) FROM stock_monitoring.alerts")
+
+    def end_after(self, delay: float) -> threading.Timer:
+        timer = threading.Timer(delay, self.end)
+        timer.start()
+        return timer
+
+    def end(self) -> None:
+        self.conn.rollback()
+        self.conn.close()
+
+
+class Readers:
+    """The backend's reads of alerts, one every 20 ms, each timed, until stopped."""
+
+    def __init__(self, db: Db) -> None:
+        self.conn, self.waits, self.running = db.connect(), [], True
+        self.thread = threading.Thread(target=self.read)
+        self.thread.start()
+
+    def read(self) -> None:
+        with self.conn.cursor() as cur:
+            while self.running:
+                began = time.monotonic()
+                cur.execute("SELECT count(*) FROM stock_monitoring.alerts WHERE enabled")
+                self.waits.append(time.monotonic() - began)
+                time.sleep(0.02)
+
+    def stop(self) -> float:
+        self.running = False
+        self.thread.join(30)
+        self.conn.close()
+        return max(self.waits)
+
+
+ALTER = {"024_alerts_note.sql": "ALTER TABLE stock_monitoring.alerts ADD COLUMN note text;\n"}
+
+
+def test_a_migration_blocked_by_a_report_is_retried_and_goes_through_when_the_report_ends(tmp_path, db):
+    """The default schedule: readers wait at most one attempt's lock_timeout (500 ms), never the report's length."""
+    assert play(tmp_path, db).rc == 0
+    report = Report(db)
+    readers = Readers(db)
+    report.end_after(4)
+    res = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(write_migrations(
+        tmp_path / "m", ALTER, with_real=True))})
+    longest = readers.stop()
+    assert res.rc == 0, res.output
+    attempts = db.query("SELECT attempts FROM stock_monitoring.pg_migrate_history WHERE version = 24")[0][0]
+    assert attempts > 1 and "applied: 024_alerts_note.sql in" in res.output and f"({attempts} attempts)" in res.output
+    assert longest < 0.8, f"a reader waited {longest:.2f} s behind the migration"
+
+
+def test_lock_retries_that_run_out_fail_naming_the_blocker(tmp_path, db):
+    assert play(tmp_path, db).rc == 0
+    report = Report(db)
+    try:
+        res = play(tmp_path, db, extra={
+            "stock_monitoring_db_migrations_dir": str(write_migrations(tmp_path / "m", ALTER, with_real=True)),
+            "stock_monitoring_db_lock_retries": [{"lock_timeout": "100ms", "sleep": "50ms", "times": 3}]})
+    finally:
+        report.end()
+    assert res.rc != 0
+    assert ("It lost the race for its locks on each of 3 attempts (stock_monitoring_db_lock_retries): blocked by "
+            f"pid {report.pid} (user postgres, application 'long-report'") in res.output, res.output
+    assert [r[0] for r in db.history()] == [22, 23]
+
+
+def test_a_deadlock_victim_is_rolled_back_and_retried(tmp_path, db):
+    assert play(tmp_path, db).rc == 0
+    other = db.connect(autocommit=False)
+    cur = other.cursor()
+    cur.execute("SET deadlock_timeout = '60s'")  # the migration, not this session, detects the deadlock
+    cur.execute("LOCK TABLE stock_monitoring.alerts IN ACCESS EXCLUSIVE MODE")
+    deadlock = {"024_deadlock.sql": "LOCK TABLE stock_monitoring.watchlists IN ACCESS EXCLUSIVE MODE;\n"
+                                    "SELECT pg_sleep(0.3);\nLOCK TABLE stock_monitoring.alerts IN ACCESS EXCLUSIVE MODE;\n"}
+    proc = background_deploy(tmp_path, db, write_migrations(tmp_path / "m", deadlock, with_real=True),
+                             stock_monitoring_db_lock_retries=[{"lock_timeout": "20s", "sleep": "100ms", "times": 2}])
+    wait_for(lambda: db.query("SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE l.granted "
+                              "AND c.relname = 'watchlists' AND l.mode = 'AccessExclusiveLock' AND l.pid <> %s",
+                              (other.get_backend_pid(),)), "the migration to lock watchlists")
+    cur.execute("LOCK TABLE stock_monitoring.watchlists IN ACCESS EXCLUSIVE MODE")  # waits until the victim rolls back
+    other.commit()
+    res = finish(proc)
+    other.close()
+    assert res.rc == 0, res.output
+    assert db.query("SELECT attempts FROM stock_monitoring.pg_migrate_history WHERE version = 24")[0][0] == 2
 
 
 def test_creating_the_database_waits_past_lock_timeout_for_pg_database(tmp_path, db):

@@ -121,3 +121,13 @@ def test_advisory_key_is_stable_and_signed_64_bit():
     assert key == pm.advisory_key("stock_monitoring", "pg_migrate_history")
     assert -(2**63) <= key < 2**63
     assert key != pm.advisory_key("other", "pg_migrate_history")
+
+
+def test_a_lock_schedule_expands_its_entries_and_no_entry_means_one_attempt():
+    schedule = pm.lock_schedule([{"lock_timeout": "100ms", "sleep": "50ms", "times": 2},
+                                 {"lock_timeout": "1s", "sleep": "2s"}])
+    assert [(a.lock_timeout, a.pause) for a in schedule] == [("100ms", 0.05), ("100ms", 0.05), ("1s", 2.0)]
+    assert [(a.lock_timeout, a.pause) for a in pm.lock_schedule([])] == [(None, 0.0)]
+    assert pm.seconds("250") == 0.25 and pm.seconds("1.5min") == 90.0
+    with pytest.raises(ValueError, match="'soon' is not a duration"):
+        pm.lock_schedule([{"lock_timeout": "soon", "sleep": "1s"}])

@@ -68,7 +68,7 @@ def summary(report: dict, result: dict, planning: bool, diff: bool, psycopg2_pac
         lines.append(f"psycopg2: installed ({psycopg2_package})")
     if report["adopted_manual_schema"] and report["applied"]:
         lines.append("adopted a schema that was migrated by hand")
-    applied = ", ".join(f"{a['name']} in {a['duration_ms']} ms" for a in report["applied"])
+    applied = ", ".join(f"{a['name']} in {a['duration_ms']} ms" + attempts(a) for a in report["applied"])
     lines.append(f"applied: {applied or 'none'}")
     if report["pending"]:
         state = "would apply" if planning else "not applied"
@@ -110,6 +110,11 @@ def problems(report: dict) -> list[str]:
     if report["drift"] and report["mode"] == "verify":
         found.append(f"drift: {drift_text(report['drift'])}")
     return found
+
+
+def attempts(applied: dict) -> str:
+    """How often a file ran before it got its locks, when more than once (lock retries)."""
+    return f" ({applied['attempts']} attempts)" if applied.get("attempts", 1) > 1 else ""
 
 
 def drift_text(drift: list[dict]) -> str:
