@@ -33,6 +33,7 @@ lint: setup host-deps
 	yamllint --strict .
 	ruff check .
 	shellcheck scripts/*.sh .ci/run molecule/images/*.sh
+	python scripts/lint-migrations.py
 	for module in library/*.py; do ansible-doc -M library "$$(basename "$$module" .py)" >/dev/null || exit 1; done
 	scripts/validate-modules.sh
 	zizmor --offline .github
