@@ -80,10 +80,13 @@ LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = %(table)s
 
 
 def classify_connect_error(message: str) -> str:
-    """Tell apart the reasons a connection fails: 'down', 'auth', 'no_database' or 'other'."""
+    """Tell apart the reasons a connection fails: 'down', 'auth', 'no_database', 'standby' or 'other'."""
     low = message.lower()
     if "does not exist" in low and "database" in low:
         return "no_database"
+    # libpq's words when target_session_attrs=read-write finds no server that takes writes.
+    if "hot standby mode" in low or "session is read-only" in low:
+        return "standby"
     if any(p in low for p in ("password authentication failed", "no pg_hba.conf entry", "authentication failed",
                               "role \"", "no password supplied", "permission denied for database")):
         return "auth"
@@ -201,17 +204,24 @@ class Session:
 
     # Connections ---------------------------------------------------------------------------------
     def _connect_once(self, dbname: str, read_only: bool) -> psycopg2.extensions.connection:
+        """A deploy and its plan go to a server that takes writes: with several hosts in login_host (libpq's
+        multi-host form, as HA setups use), the primary; a standby alone is refused. Verify reads any."""
         options = f"-c lock_timeout={self.p['lock_timeout']} -c statement_timeout={self.p['statement_timeout']}"
-        if read_only:
+        if read_only and self.verify:
             options += " -c default_transaction_read_only=on"
         kwargs = {"host": self.p["login_host"], "port": self.p["login_port"], "user": self.p["login_user"],
                   "dbname": dbname, "connect_timeout": self.p["connect_timeout"], "sslmode": self.p["ssl_mode"],
-                  "application_name": self.p["application_name"], "options": options}
+                  "application_name": self.p["application_name"], "options": options,
+                  "target_session_attrs": "any" if self.verify else "read-write"}
         if self.p["login_password"]:
             kwargs["password"] = self.p["login_password"]
         if self.p["ca_cert"]:
             kwargs["sslrootcert"] = self.p["ca_cert"]
-        return psycopg2.connect(**kwargs)
+        conn = psycopg2.connect(**kwargs)
+        if read_only and not self.verify:
+            # Set after connecting: libpq's read-write test would take a read-only startup option for a standby.
+            conn.set_session(readonly=True, autocommit=True)
+        return conn
 
     def connect(self, dbname: str, read_only: bool) -> psycopg2.extensions.connection:
         """Connect, retrying while the server is down until wait_timeout; raise a named failure otherwise."""
@@ -236,6 +246,10 @@ class Session:
             waited = f" (waited {self.p['wait_timeout']} s)" if self.p["wait_timeout"] else ""
             return (f"PostgreSQL server at {where} is not reachable{waited}: {first_line(error)}. "
                     "Check that it is running and that POSTGRES_HOST/POSTGRES_PORT are right")
+        if reason == "standby":
+            return (f"PostgreSQL at {where} is a read-only standby (hot standby): a deploy writes, so it needs the "
+                    "primary. Point POSTGRES_HOST at the primary, or list the cluster's hosts (POSTGRES_HOST="
+                    f"host1,host2) so that each deploy finds the current primary ({first_line(error)})")
         if reason == "auth":
             return (f"Login to PostgreSQL at {where} as {user!r} (database {dbname!r}) was refused: {first_line(error)}. "
                     "Check POSTGRES_USER/POSTGRES_PASSWORD and the server's pg_hba.conf")

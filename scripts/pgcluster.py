@@ -2,7 +2,8 @@
 """Start and stop a throwaway PostgreSQL cluster from the machine's own server binaries.
 
 One implementation for the tests, `make demo` and `make bench`: a cluster in a folder of its own,
-listening on 127.0.0.1 only, on a free port, with scram-sha-256 password authentication.
+listening on 127.0.0.1 only, on a free port, with scram-sha-256 password authentication; and for the
+high-availability tests a streaming standby of it (pg_basebackup -R), on 127.0.0.2 and the same port.
 
     scripts/pgcluster.py start DIR [--port N] [--password-file F]   # prints the port
     scripts/pgcluster.py stop DIR
@@ -98,6 +99,29 @@ class Cluster:
                        f"unix_socket_directories = '{self.sockdir}'\nfsync = off\n"
                        "max_connections = 100\nlog_min_messages = warning\n")
             conf.writelines(f"{name} = {value}\n" for name, value in self.settings.items())
+        # Every loopback address, for a standby listening on 127.0.0.2 (clients and replication).
+        with open(self.data / "pg_hba.conf", "a") as hba:
+            hba.write("host all all 127.0.0.0/8 scram-sha-256\nhost replication all 127.0.0.0/8 scram-sha-256\n")
+
+    def standby(self, root: Path, host: str = "127.0.0.2") -> Cluster:
+        """A hot standby of this (running) cluster, streaming from it, on `host` and the same port."""
+        standby = Cluster(root, port=self.port, password=self.password)
+        standby.host = host
+        for d in (standby.root, standby.sockdir):
+            d.mkdir(parents=True, exist_ok=True)
+            self._chown(d)
+        (standby.root / "port").write_text(str(self.port))
+        (standby.root / "password").write_text(self.password)
+        self._run([str(self.bindir / "pg_basebackup"), "-D", str(standby.data), "-R", "-X", "stream", "-c", "fast",
+                   "-h", self.host, "-p", str(self.port), "-U", SUPERUSER],
+                  env={**os.environ, "PGPASSWORD": self.password})
+        with open(standby.data / "postgresql.conf", "a") as conf:
+            conf.write(f"\nlisten_addresses = '{host}'\nunix_socket_directories = '{standby.sockdir}'\n")
+        standby.start()
+        return standby
+
+    def promote(self) -> None:
+        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", "promote"])
 
     def start(self, wait: float = 30.0) -> None:
         self.init()
