@@ -15,11 +15,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import psycopg2
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -93,10 +96,14 @@ class Bench:
                         f"POSTGRES_PASSWORD='{self.pg.password}'\nPOSTGRES_DB={db}\n")
         return path
 
-    def deploy(self, db: str) -> subprocess.CompletedProcess:
-        return self.playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=str(ROOT / "inventory" / "local"),
-                             env={"STOCK_MONITORING_DB_ENV_FILE": str(self.env_file(db)),
-                                  "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"})
+    def deploy(self, db: str, extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        book = ROOT / "playbooks" / "deploy-db.yml"
+        env = {"STOCK_MONITORING_DB_ENV_FILE": str(self.env_file(db)), "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"}
+        if check:
+            return self.playbook(book, extra, env=env, inventory=str(ROOT / "inventory" / "local"))
+        cmd = [str(BIN / "ansible-playbook"), str(book), "-i", str(ROOT / "inventory" / "local"), "-c", "local",
+               "-e", json.dumps({"ansible_python_interpreter": sys.executable, **(extra or {})})]
+        return subprocess.run(cmd, capture_output=True, text=True, env={**self.env, **env}, cwd=ROOT)
 
 
 def timed(action: Callable[[], object]) -> float:
@@ -193,6 +200,123 @@ def ssh_noop_rows(b: Bench, db: str) -> tuple[float, list[tuple[str, str, str, s
         ("module executions per host over SSH", f"{execs} no-op", "1 (ping)", "target <= 2")]
 
 
+LIVE_MIGRATIONS = {
+    "024_alerts_note.sql": "ALTER TABLE stock_monitoring.alerts ADD COLUMN IF NOT EXISTS note text;\n",
+    "025_alerts_note_idx.sql": "-- pg_migrate:no-transaction\nCREATE INDEX CONCURRENTLY IF NOT EXISTS alerts_note_idx "
+                               "ON stock_monitoring.alerts (note);\n",
+}
+SEED = """
+INSERT INTO stock_monitoring.alerts (user_id, symbol, condition, threshold)
+  SELECT 'u' || (i % 2000), 'SYM' || (i % 500), 'price_above', 100 + i % 50 FROM generate_series(1, 20000) i;
+INSERT INTO stock_monitoring.watchlists (user_id, name) SELECT 'u' || i, 'main' FROM generate_series(0, 1999) i;
+INSERT INTO stock_monitoring.watchlist_items (watchlist_id, symbol)
+  SELECT w.id, 'SYM' || ((w.id * 7 + j) % 500) FROM stock_monitoring.watchlists w, generate_series(1, 10) j;
+ANALYZE;
+"""
+# The backend and the alert DAG, as pgbench scripts with their weights.
+APP_SCRIPTS = {
+    "alerts_by_symbol.sql@5": "\\set s random(0, 499)\n"
+        "SELECT id, condition, threshold FROM stock_monitoring.alerts WHERE symbol = 'SYM' || :s AND enabled;\n",
+    "watchlist.sql@3": "\\set u random(0, 1999)\n"
+        "SELECT i.symbol FROM stock_monitoring.watchlists w JOIN stock_monitoring.watchlist_items i "
+        "ON i.watchlist_id = w.id WHERE w.user_id = 'u' || :u;\n",
+    "notify.sql@2": "\\set a random(1, 20000)\n\\set k random(1, 2000000000)\n"
+        "INSERT INTO stock_monitoring.notifications (user_id, alert_id, title, dedupe_key) "
+        "VALUES ('u' || (:a % 2000), :a, 'price above', 'k' || :k) ON CONFLICT DO NOTHING;\n",
+}
+REPORT_SECONDS = 8.0
+# The deploys compared, by the role variables they set (psql -f has none: no lock_timeout at all).
+LIVE_DEPLOYS = {
+    "psql -f": None,
+    "pg_migrate, retries off": {"stock_monitoring_db_lock_retries": []},
+    "pg_migrate, defaults": {},
+    # GitLab's default timings (with_lock_retries, first rows): attempts of 100 ms to 500 ms in quick succession.
+    "pg_migrate, GitLab's timings": {"stock_monitoring_db_lock_retries": [
+        {"lock_timeout": "100ms", "sleep": "50ms", "times": 2}, {"lock_timeout": "200ms", "sleep": "50ms"},
+        {"lock_timeout": "300ms", "sleep": "100ms"}, {"lock_timeout": "400ms", "sleep": "150ms"},
+        {"lock_timeout": "500ms", "sleep": "2s", "times": 4}, {"lock_timeout": "1s", "sleep": "5s", "times": 20}]},
+}
+
+
+def percentiles(latencies: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(latencies) or [0.0]
+    return (ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], ordered[-1])
+
+
+def live_run(b: Bench, how: str, folder: Path) -> dict:
+    """pgbench plays the backend at a steady rate; a report holds alerts for REPORT_SECONDS; the deploy
+    of LIVE_MIGRATIONS starts while it does. Latencies of the transactions before the report (baseline)
+    and of those in flight during the deploy."""
+    db = b.fresh_db(create=False)
+    b.deploy(db)
+    b.psql(db, ["-c", SEED])
+    run = b.work / f"live-{how.split()[0]}-{db}"
+    run.mkdir()
+    scripts = []
+    for name, text in APP_SCRIPTS.items():
+        (run / name.split("@")[0]).write_text(text)
+        scripts += ["-f", str(run / name)]
+    env = {**os.environ, **b.pg.env(), "PGDATABASE": db}
+    bench = subprocess.Popen([str(b.pg.bindir / "pgbench"), "-n", "-c", "8", "-j", "2", "-R", "200", "-T", "24",
+                              "-l", f"--log-prefix={run / 'txn'}", *scripts], cwd=run, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    report_began = time.time()
+    report = psycopg2.connect(host=b.pg.host, port=b.pg.port, user="postgres", password=b.pg.password, dbname=db,
+                              application_name="long-report")
+    report.cursor().execute("SELECT count(*) FROM stock_monitoring.alerts")  # holds ACCESS SHARE until it ends
+    ender = threading.Timer(REPORT_SECONDS, report.rollback)
+    ender.start()
+    time.sleep(0.5)
+    began = time.time()
+    if LIVE_DEPLOYS[how] is None:
+        ok = all(subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db, "-f", str(folder / name)],
+                                env={**os.environ, **b.pg.env()}, capture_output=True).returncode == 0
+                 for name in sorted(LIVE_MIGRATIONS))
+    else:
+        extra = {"stock_monitoring_db_migrations_dir": str(folder), **LIVE_DEPLOYS[how]}
+        ok = b.deploy(db, extra, check=False).returncode == 0
+    ended = time.time()
+    ender.join()
+    report.close()
+    bench.wait(60)
+    txns = []
+    for log in run.glob("txn*"):
+        for line in log.read_text().splitlines():
+            fields = line.split()
+            latency = int(fields[2]) / 1e6
+            done = int(fields[4]) + int(fields[5]) / 1e6
+            txns.append((done - latency, done, latency))
+    baseline = [lat for start, _, lat in txns if start < report_began]
+    during = [lat for start, done, lat in txns if start < ended and done > began]
+    return {"how": how, "ok": ok, "seconds": ended - began, "baseline": percentiles(baseline),
+            "during": percentiles(during), "count": len(during)}
+
+
+def live_rows(b: Bench) -> tuple[bool, list[tuple[str, str, str, str]]]:
+    folder = b.work / "live-migrations"
+    folder.mkdir()
+    for name in sorted(MIGRATIONS.glob("*.sql")):
+        (folder / name.name).write_text(name.read_text())
+    for name, text in LIVE_MIGRATIONS.items():
+        (folder / name).write_text(text)
+    rows, met = [], True
+
+    def ms(values: tuple[float, float, float]) -> str:
+        return "/".join(f"{v * 1000:.0f}" for v in values) + " ms"
+
+    for how in LIVE_DEPLOYS:
+        print(f"bench: live, {how}", flush=True)
+        r = live_run(b, how, folder)
+        p99_ratio = r["during"][1] / max(r["baseline"][1], 1e-6)
+        rows.append((f"live: {how}", f"deploy {'ok' if r['ok'] else 'FAILED'} in {r['seconds']:.1f} s; app p50/p99/max "
+                     f"{ms(r['during'])}", f"baseline p50/p99/max {ms(r['baseline'])}",
+                     f"p99 {p99_ratio:.1f}x, max {r['during'][2]:.2f} s"))
+        if how == "pg_migrate, defaults":
+            met = r["ok"] and r["during"][2] <= 0.5 + r["baseline"][2] and p99_ratio <= 2
+    return met, rows
+
+
 def module_executions(result: subprocess.CompletedProcess) -> int:
     tasks = json.loads(result.stdout[result.stdout.index("{"):])["plays"][0]["tasks"]
     return sum(1 for t in tasks for r in t["hosts"].values()
@@ -204,7 +328,8 @@ def main() -> None:
     os.chmod(work, 0o755)
     b = Bench(work)
     rows: list[tuple[str, str, str, str]] = []
-    parts = sys.argv[1:] or ["small", "big"]  # small: 022+023, 500 files, the no-op deploy; big: 50 MB files
+    # small: 022+023, 500 files, the no-op deploy; big: 50 MB files; live: a deploy under application load
+    parts = sys.argv[1:] or ["small", "big", "live"]
     ok = True
     try:
         if "small" in parts:
@@ -274,6 +399,10 @@ def main() -> None:
             rows.append(("8 concurrent first deploys, one database", f"{eight_t:.2f} s", f"{one:.2f} s (one deploy)",
                          f"{eight_t / one:.1f}x"))
             ok = fresh_ratio <= 1.4 and noop_ratio <= 1.1 and deploy_ratio <= 2 and execs <= 2 and ssh_ratio <= 2
+        if "live" in parts:
+            live_met, live = live_rows(b)
+            rows += live
+            ok = ok and live_met
         if "big" in parts:
             big = big_file_rows(b)
             rows += big
