@@ -474,7 +474,7 @@ class Session:
             msg += f" Grant role {self.p['login_user']!r} the privilege named above."
         return MigrationError(msg, failed_migration=mig.name, sqlstate=code, line=line)
 
-    def run_file(self, mig: Migration, attempt: int) -> None:
+    def run_file(self, mig: Migration, attempt: int) -> int:
         """A transactional file goes to the server whole (its parser reads it), in the transaction apply()
         opened, under the lock_timeout of this attempt; raise LockRace when it lost a race for a lock
         and another attempt is left. A no-transaction file runs one statement at a time: see run_statement."""
@@ -487,11 +487,11 @@ class Session:
                     if exc.pgcode in LOCK_CONFLICTS and attempt < len(self.schedule):
                         raise LockRace(self.schedule[attempt - 1]) from None
                     raise self.statement_error(mig, exc, 0, None, attempt) from None
-                return
-            for index, (start, end, _line) in enumerate(mig.statements, 1):
-                self.run_statement(cur, mig, index, start, end)
+                return attempt
+            return max((self.run_statement(cur, mig, index, start, end)
+                        for index, (start, end, _line) in enumerate(mig.statements, 1)), default=1)
 
-    def run_statement(self, cur: psycopg2.extensions.cursor, mig: Migration, index: int, start: int, end: int) -> None:
+    def run_statement(self, cur: psycopg2.extensions.cursor, mig: Migration, index: int, start: int, end: int) -> int:
         """One statement of a no-transaction file, its own transaction: when it loses a lock race, nothing of it
         stayed, so it alone is retried by the schedule. Not a CONCURRENTLY statement, which leaves an invalid
         index behind when it fails: it runs once, under the session's lock_timeout."""
@@ -502,7 +502,7 @@ class Session:
                 cur.execute("SELECT set_config('lock_timeout', %s, false)", (step.lock_timeout,))
             try:
                 cur.execute(text)
-                return
+                return attempt
             except psycopg2.Error as exc:
                 if exc.pgcode in LOCK_CONFLICTS and attempt < len(schedule):
                     time.sleep(step.pause)
@@ -534,7 +534,7 @@ class Session:
             if step.lock_timeout:
                 cur.execute("SELECT set_config('lock_timeout', %s, true)", (step.lock_timeout,))
             before = self.catalog_fingerprint() if adopting else None
-            self.run_file(mig, attempt)
+            attempt = self.run_file(mig, attempt)  # a no-transaction file: its most retried statement's attempts
             adopted = adopting and before == self.catalog_fingerprint()
             # The history row is written by the login, whatever role or settings the file chose.
             cur.execute("SET LOCAL SESSION AUTHORIZATION DEFAULT; SET LOCAL ROLE NONE" if mig.transactional

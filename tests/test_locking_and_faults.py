@@ -336,6 +336,20 @@ def test_lock_retries_that_run_out_fail_naming_the_blocker(tmp_path, db):
     assert [r[0] for r in db.history()] == [22, 23]
 
 
+def test_in_a_no_transaction_file_the_blocked_statement_alone_is_retried(tmp_path, db):
+    assert play(tmp_path, db).rc == 0
+    report = Report(db)
+    report.end_after(3)
+    no_tx = {"024_no_tx.sql": "-- pg_migrate:no-transaction\nINSERT INTO stock_monitoring.watchlists (user_id, name) "
+                              "VALUES ('u1', 'once');\nALTER TABLE stock_monitoring.alerts ADD COLUMN note text;\n"}
+    res = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(write_migrations(
+        tmp_path / "m", no_tx, with_real=True)),
+        "stock_monitoring_db_lock_retries": [{"lock_timeout": "50ms", "sleep": "500ms", "times": 20}]})
+    assert res.rc == 0, res.output
+    assert db.query("SELECT count(*) FROM stock_monitoring.watchlists WHERE name = 'once'")[0][0] == 1
+    assert db.query("SELECT attempts FROM stock_monitoring.pg_migrate_history WHERE version = 24")[0][0] > 1
+
+
 def test_a_deadlock_victim_is_rolled_back_and_retried(tmp_path, db):
     assert play(tmp_path, db).rc == 0
     other = db.connect(autocommit=False)
