@@ -10,12 +10,13 @@ SCENARIOS := default adopt failing-migration no-psycopg2 cd-over-ssh
 export MOLECULE_POSTGRES_IMAGE ?= stock-monitoring-db/postgres:15
 export MOLECULE_DEPLOY_HOST_IMAGE ?= stock-monitoring-db/deploy-host:12
 
-.PHONY: help setup host-deps lint pytest molecule images test demo demo-stop bench clean
+.PHONY: help setup host-deps lint pytest molecule images test demo demo-stop bench schema clean
 
 help:
 	@echo "make demo       throwaway PostgreSQL + deploy twice + verify (make demo-stop to end it)"
 	@echo "make test       lint, pytest against real PostgreSQL, every Molecule scenario (what CI runs)"
 	@echo "make setup      the .venv with ansible, psycopg2 and the test tools"
+	@echo "make schema     regenerate roles/stock_monitoring_db/files/schema.json after adding a migration"
 	@echo "make lint | pytest | molecule | bench | clean"
 
 setup: $(VENV)/.installed
@@ -34,6 +35,7 @@ lint: setup host-deps
 	ruff check .
 	shellcheck scripts/*.sh .ci/run molecule/images/*.sh
 	python scripts/lint-migrations.py
+	python scripts/schema.py --check
 	for module in library/*.py; do ansible-doc -M library "$$(basename "$$module" .py)" >/dev/null || exit 1; done
 	scripts/validate-modules.sh
 	zizmor --offline .github
@@ -64,6 +66,9 @@ demo-stop:
 
 bench: setup host-deps
 	python scripts/bench.py $(BENCH)
+
+schema: setup host-deps
+	python scripts/schema.py
 
 clean:
 	-scripts/demo.sh stop

@@ -224,6 +224,17 @@ options:
         description: How many attempts this entry stands for.
         type: int
         default: 1
+  expected_schema:
+    description:
+      - The canonical schema, as C(make schema) writes it (C(migrations), the file names and checksums
+        it was made from; C(objects), the tables, columns, indexes, constraints, sequences, views,
+        functions and triggers of O(schema)). After the run, the schema is compared with it, in the
+        same module execution and one query, when the database has exactly those migrations applied;
+        otherwise RV(schema_not_compared) says why.
+      - Only definitions are compared (types, nullability, defaults, identity, index and constraint
+        definitions, function bodies, comments), never data, statistics, OIDs or column order. The
+        history table is left out.
+    type: dict
   option_names:
     description:
       - How failure messages name options, for a role that exposes them under its own variable names.
@@ -375,6 +386,20 @@ duration_ms:
   description: Milliseconds the whole run took, connection included.
   returned: always
   type: float
+schema_compared:
+  description: Whether the schema was compared with O(expected_schema).
+  returned: when O(expected_schema) is given and the database exists
+  type: bool
+schema_differences:
+  description: Each difference from O(expected_schema), in a DBA's words; empty when it matches.
+  returned: when O(expected_schema) is given and the database exists
+  type: list
+  elements: str
+  sample: ["alerts.bars_hotfix: column not in the schema file", "index alerts_user_id_idx: missing"]
+schema_not_compared:
+  description: Why the schema was not compared (the database does not have exactly the file's migrations).
+  returned: when the schema was not compared
+  type: str
 missing_library:
   description: C(psycopg2) when the target's Python lacks it; the run then failed before connecting.
   returned: when psycopg2 is missing
@@ -435,6 +460,7 @@ ARGUMENT_SPEC = {
         "lock_timeout": {"type": "str", "required": True},
         "sleep": {"type": "str", "required": True},
         "times": {"type": "int", "default": 1}}},
+    "expected_schema": {"type": "dict"},
     "option_names": {"type": "dict", "default": {}},
     "verify": {"type": "bool", "default": False},
     "findings": {"type": "dict"},

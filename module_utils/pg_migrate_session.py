@@ -27,6 +27,7 @@ from ansible.module_utils.pg_migrate_plan import (
     lock_schedule,
     make_plan,
 )
+from ansible.module_utils.pg_migrate_schema import SNAPSHOT, differences, not_compared
 
 try:
     import psycopg2
@@ -646,7 +647,26 @@ class Session:
             expected = set(self.p["expected_tables"])
             result.update(tables=actual, missing_tables=sorted(expected - set(actual)),
                           unexpected_tables=sorted(set(actual) - expected))
+        if self.p["expected_schema"] is not None:
+            after = {row["name"]: row["checksum"] for row in history.values()}
+            after.update({a["name"]: a["new_checksum"] for a in plan.accepted})
+            after.update({a["name"]: a["checksum"] for a in result["applied"]})
+            result.update(self.compare_schema(after))
         return result
+
+    def compare_schema(self, applied: dict[str, str]) -> dict:
+        """The schema against the canonical file, when the database has exactly the file's migrations.
+        Last query of the run: it leaves search_path at pg_catalog."""
+        expected = self.p["expected_schema"]
+        reason = not_compared(expected.get("migrations", {}), applied)
+        major = self.conn.server_version // 10000
+        if not reason and expected.get("postgresql") not in (None, major):
+            reason = (f"the schema file was made on PostgreSQL {expected['postgresql']} and this server is {major}: the "
+                      "server words definitions differently between major versions (run make schema on the same one)")
+        if reason:
+            return {"schema_compared": False, "schema_not_compared": reason, "schema_differences": []}
+        actual = self.query(SNAPSHOT, {"schema": self.schema, "table": self.table})[0][0]
+        return {"schema_compared": True, "schema_differences": differences(expected.get("objects", {}), actual)}
 
     def server_version(self) -> str:
         version = self.conn.server_version

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 
 def outcome(result: dict | None, host: str, login: dict, schema: str, mode: str, check: bool, diff: bool = False,
-            psycopg2_installed: bool = False, psycopg2_package: str = "python3-psycopg2") -> dict:
+            psycopg2_installed: bool = False, psycopg2_package: str = "python3-psycopg2",
+            drift_fails: bool = False) -> dict:
     """{'report': the JSON report of this host, 'summary': lines to read, 'problems': what is wrong}."""
     result = result if isinstance(result, dict) else {}
     run_mode = "verify" if mode == "verify" else ("plan" if check else "deploy")
@@ -41,12 +42,15 @@ def outcome(result: dict | None, host: str, login: dict, schema: str, mode: str,
         "tables": list(result.get("tables", [])),
         "missing_tables": list(result.get("missing_tables", [])),
         "unexpected_tables": list(result.get("unexpected_tables", [])),
+        "schema_compared": result.get("schema_compared"),
+        "schema_differences": list(result.get("schema_differences", [])),
+        "schema_not_compared": result.get("schema_not_compared", ""),
         "history_table": result.get("history_table", ""),
         "server_version": result.get("server_version", ""),
         "duration_ms": result.get("duration_ms", 0),
     }
     return {"report": report, "summary": summary(report, result, planning, diff, psycopg2_package),
-            "problems": problems(report)}
+            "problems": problems(report, drift_fails)}
 
 
 def summary(report: dict, result: dict, planning: bool, diff: bool, psycopg2_package: str) -> list[str]:
@@ -86,6 +90,12 @@ def summary(report: dict, result: dict, planning: bool, diff: bool, psycopg2_pac
         if report["unexpected_tables"]:
             tables += f"; unexpected: {', '.join(report['unexpected_tables'])}"
         lines.append(tables)
+    if report["schema_compared"]:
+        differences = report["schema_differences"]
+        lines.append(f"schema: differs from the schema file ({len(differences)}): {'; '.join(differences)}"
+                     if differences else "schema: matches the schema file")
+    elif report["schema_not_compared"]:
+        lines.append(f"schema: not compared: {report['schema_not_compared']}")
     if report["history_table"]:
         lines.append(f"history: {report['history_table']}; pg_migrate took {report['duration_ms']} ms")
     if diff:
@@ -93,9 +103,10 @@ def summary(report: dict, result: dict, planning: bool, diff: bool, psycopg2_pac
     return lines
 
 
-def problems(report: dict) -> list[str]:
-    """What verification finds wrong. Verify reports anything not deployed; a deploy, missing tables; a
-    --check deploy only describes its plan, since pending migrations may create the tables."""
+def problems(report: dict, drift_fails: bool = False) -> list[str]:
+    """What verification finds wrong. Verify reports anything not deployed or different from the schema
+    file; a deploy, missing tables (and schema differences when drift_fails); a --check deploy only
+    describes its plan, since pending migrations may create the tables."""
     if report["failure"]:
         return [report["failure"]]
     if report["mode"] == "plan":
@@ -109,6 +120,8 @@ def problems(report: dict) -> list[str]:
         found.append(f"missing tables: {', '.join(report['missing_tables'])}")
     if report["drift"] and report["mode"] == "verify":
         found.append(f"drift: {drift_text(report['drift'])}")
+    if report["schema_differences"] and (report["mode"] == "verify" or drift_fails):
+        found.append(f"schema differs from the schema file: {'; '.join(report['schema_differences'])}")
     return found
 
 

@@ -1,0 +1,140 @@
+"""The whole schema against the canonical schema file (make schema), on a real PostgreSQL: each kind of
+hand-made change is named, and what is not drift is not reported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from ansible.module_utils.pg_migrate_schema import differences
+from conftest import MIGRATIONS, ROOT, play, write_migrations
+
+SCHEMA_SCRIPT = ROOT / "scripts" / "schema.py"
+
+
+def said(output: str) -> str:
+    """The run's output with the YAML callback's line folding and quote doubling undone."""
+    return " ".join(output.replace("''", "'").split())
+
+
+def test_a_fresh_deploy_matches_the_schema_file_and_verify_says_so(tmp_path, db):
+    res = play(tmp_path, db)
+    assert res.rc == 0 and "schema: matches the schema file" in res.output, res.output
+    res = play(tmp_path, db, "verify-db.yml")
+    assert res.rc == 0 and "schema: matches the schema file" in res.output, res.output
+
+
+HAND_MADE = {
+    "ALTER TABLE stock_monitoring.alerts ADD COLUMN bars_hotfix int":
+        "alerts.bars_hotfix: column not in the schema file",
+    "ALTER TABLE stock_monitoring.watchlist_items DROP COLUMN note":
+        "watchlist_items.note: column missing",
+    "ALTER TABLE stock_monitoring.alerts ALTER COLUMN threshold TYPE numeric(20,8)":
+        "alerts.threshold: type differs: numeric(18,6) in the schema file, numeric(20,8) in the database",
+    "ALTER TABLE stock_monitoring.alerts ALTER COLUMN last_triggered_at SET NOT NULL":
+        "alerts.last_triggered_at: NOT NULL differs: no in the schema file, yes in the database",
+    "ALTER TABLE stock_monitoring.alerts ALTER COLUMN cooldown SET DEFAULT '02:00:00'":
+        "alerts.cooldown: default differs: '01:00:00'::interval in the schema file, '02:00:00'::interval in the database",
+    "DROP INDEX stock_monitoring.audit_log_entity_idx":
+        "index audit_log_entity_idx: missing",
+    "DROP INDEX stock_monitoring.alerts_user_id_idx; "
+    "CREATE INDEX alerts_user_id_idx ON stock_monitoring.alerts (user_id, symbol)":
+        "index alerts_user_id_idx: definition differs: CREATE INDEX alerts_user_id_idx ON stock_monitoring.alerts "
+        "USING btree (user_id) in the schema file, CREATE INDEX alerts_user_id_idx ON stock_monitoring.alerts "
+        "USING btree (user_id, symbol) in the database",
+    "ALTER TABLE stock_monitoring.audit_log DROP CONSTRAINT audit_log_action_check":
+        "constraint audit_log.audit_log_action_check: missing",
+    "ALTER TABLE stock_monitoring.watchlists DROP CONSTRAINT watchlists_updated_after_created, "
+    "ADD CONSTRAINT watchlists_updated_after_created CHECK (updated_at > created_at)":
+        "constraint watchlists.watchlists_updated_after_created: definition differs: "
+        "CHECK ((updated_at >= created_at)) in the schema file, CHECK ((updated_at > created_at)) in the database",
+    "CREATE FUNCTION stock_monitoring.touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$; "
+    "CREATE TRIGGER notifications_touch BEFORE UPDATE ON stock_monitoring.notifications "
+    "FOR EACH ROW EXECUTE FUNCTION stock_monitoring.touch()":
+        "trigger notifications.notifications_touch: not in the schema file",
+}
+
+
+def test_verify_names_each_change_made_by_hand_and_a_deploy_reports_them(tmp_path, db):
+    assert play(tmp_path, db).rc == 0
+    db.query("; ".join(HAND_MADE))
+    res = play(tmp_path, db, "verify-db.yml")
+    assert res.rc != 0 and "schema differs from the schema file" in res.output
+    for expected in [*HAND_MADE.values(), "function stock_monitoring.touch(): not in the schema file"]:
+        assert expected in said(res.output), f"{expected!r} not in:\n{res.output}"
+    # A deploy reports them and goes on (a deploy is not the place to undo a hotfix), unless told to fail.
+    res = play(tmp_path, db)
+    assert res.rc == 0 and "schema: differs from the schema file (12): " in said(res.output), res.output
+    res = play(tmp_path, db, extra={"stock_monitoring_db_schema_drift": "fail"})
+    assert res.rc != 0 and "alerts.bars_hotfix: column not in the schema file" in res.output
+
+
+def test_rows_vacuum_a_recreated_index_and_a_column_readded_alike_are_not_drift(tmp_path, db):
+    assert play(tmp_path, db).rc == 0
+    db.query("INSERT INTO stock_monitoring.watchlists (user_id, name) SELECT 'u' || i, 'w' FROM generate_series(1, 500) i")
+    db.query("VACUUM ANALYZE stock_monitoring.watchlists")
+    db.query("DROP INDEX stock_monitoring.alerts_user_id_idx; "
+             "CREATE INDEX alerts_user_id_idx ON stock_monitoring.alerts (user_id)")
+    db.query("ALTER TABLE stock_monitoring.watchlist_items DROP COLUMN note; ALTER TABLE stock_monitoring.watchlist_items "
+             "ADD COLUMN note text CHECK (note IS NULL OR length(note) <= 1000)")
+    res = play(tmp_path, db, "verify-db.yml")
+    assert res.rc == 0 and "schema: matches the schema file" in res.output, res.output
+
+
+def test_a_changed_function_body_is_named(tmp_path, db):
+    fn = {"024_normalise.sql": "CREATE FUNCTION stock_monitoring.normalise_symbol(s text) RETURNS text "
+                               "LANGUAGE sql IMMUTABLE RETURN upper(s);\n"}
+    folder = write_migrations(tmp_path / "m", fn, with_real=True)
+    schema_file = tmp_path / "schema.json"
+    made = subprocess.run([sys.executable, str(SCHEMA_SCRIPT), "--migrations", str(folder), "--file", str(schema_file)],
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stdout + made.stderr
+    extra = {"stock_monitoring_db_migrations_dir": str(folder), "stock_monitoring_db_schema_file": str(schema_file)}
+    assert play(tmp_path, db, extra=extra).rc == 0
+    db.query("CREATE OR REPLACE FUNCTION stock_monitoring.normalise_symbol(s text) RETURNS text "
+             "LANGUAGE sql IMMUTABLE RETURN lower(s)")
+    res = play(tmp_path, db, "verify-db.yml", extra=extra)
+    assert res.rc != 0 and "function stock_monitoring.normalise_symbol(text): definition differs" in res.output, res.output
+
+
+def test_adopting_a_database_migrated_by_hand_says_whether_it_matches_the_schema_file(tmp_path, db):
+    db.create().psql_files(*sorted(MIGRATIONS.glob("*.sql")))
+    db.query("ALTER TABLE stock_monitoring.alerts ADD COLUMN bars_hotfix int")
+    res = play(tmp_path, db)
+    assert res.rc == 0 and "adopted a schema that was migrated by hand" in res.output, res.output
+    assert "schema: differs from the schema file (1): alerts.bars_hotfix: column not in the schema file" in said(res.output)
+
+
+def test_a_database_with_other_migrations_is_not_compared_and_says_why(tmp_path, db):
+    folder = write_migrations(tmp_path / "m", {"024_more.sql": "CREATE TABLE stock_monitoring.more (id int);\n"},
+                              with_real=True)
+    res = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(folder)})
+    assert res.rc == 0 and "schema: not compared: the migrations applied are not those the schema file was made from " \
+        "(024_more.sql: not in the schema file)" in said(res.output), res.output
+
+
+def test_lint_fails_when_the_schema_file_is_stale_naming_the_migration(tmp_path):
+    folder = write_migrations(tmp_path / "m", {"024_more.sql": "CREATE TABLE stock_monitoring.more (id int);\n"},
+                              with_real=True)
+    check = [sys.executable, str(SCHEMA_SCRIPT), "--check", "--migrations", str(folder)]
+    res = subprocess.run(check, capture_output=True, text=True)
+    assert res.returncode != 0 and "is stale (024_more.sql: not in the schema file): run make schema" in res.stderr
+    res = subprocess.run([*check[:-1], str(MIGRATIONS)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    described = json.loads((ROOT / "roles" / "stock_monitoring_db" / "files" / "schema.json").read_text())
+    assert sorted(described["migrations"]) == sorted(p.name for p in MIGRATIONS.glob("*.sql"))
+
+
+def test_differences_are_worded_per_kind_and_column_order_is_not_one():
+    col = {"type": "bigint", "not_null": True, "default": None, "identity": "a", "generated": None, "comment": None}
+    file = {"tables": {"t": {"comment": None, "columns": {"id": col, "name": {**col, "type": "text", "identity": None}}}},
+            "sequences": {"t_id_seq": {"type": "bigint", "start": 1}}}
+    reordered = {"tables": {"t": {"comment": None, "columns": {"name": file["tables"]["t"]["columns"]["name"], "id": col}}},
+                 "sequences": {"t_id_seq": {"type": "bigint", "start": 1}}}
+    assert differences(file, reordered) == []
+    changed = {"tables": {"t": {"comment": "hotfix", "columns": {"id": {**col, "identity": "d"}}}},
+               "views": {"v": "SELECT 1"}}
+    assert differences(file, changed) == [
+        "t.id: identity differs: a in the schema file, d in the database", "t.name: column missing",
+        "table t: comment differs", "view v: not in the schema file", "sequence t_id_seq: missing"]
