@@ -431,7 +431,7 @@ class Session:
 
     # Applying ------------------------------------------------------------------------------------------
     def statement_error(self, mig: Migration, exc: psycopg2.Error, offset: int, index: int | None,
-                        attempts: int = 1) -> MigrationError:
+                        attempts: int = 1, lock_timeout: str | None = None) -> MigrationError:
         """Name the file, the line (from the server's error position) and what became of the file."""
         pos = getattr(exc.diag, "statement_position", None)
         line = None
@@ -465,9 +465,9 @@ class Session:
             msg += (f" It lost the race for its locks on each of {attempts} attempts "
                     f"({self.named('lock_retries')}): {self.relation_lock_holders()}.")
         elif code == "55P03":
-            timeout = self.schedule[0].lock_timeout or self.p["lock_timeout"]
-            setting = self.named("lock_retries" if self.schedule[0].lock_timeout else "lock_timeout")
-            msg += f" lock_timeout ({timeout}, {setting}) expired: {self.relation_lock_holders()}."
+            setting = self.named("lock_retries" if lock_timeout else "lock_timeout")
+            msg += (f" lock_timeout ({lock_timeout or self.p['lock_timeout']}, {setting}) expired: "
+                    f"{self.relation_lock_holders()}.")
         if code == "57014":
             msg += (f" {self.named('statement_timeout')} is {self.p['statement_timeout']}: raise it for a migration "
                     "that needs longer.")
@@ -487,7 +487,8 @@ class Session:
                     self.rollback(mig)
                     if exc.pgcode in LOCK_CONFLICTS and attempt < len(self.schedule):
                         raise LockRace(self.schedule[attempt - 1]) from None
-                    raise self.statement_error(mig, exc, 0, None, attempt) from None
+                    raise self.statement_error(mig, exc, 0, None, attempt,
+                                               self.schedule[attempt - 1].lock_timeout) from None
                 return attempt
             return max((self.run_statement(cur, mig, index, start, end)
                         for index, (start, end, _line) in enumerate(mig.statements, 1)), default=1)
@@ -508,10 +509,11 @@ class Session:
                 if exc.pgcode in LOCK_CONFLICTS and attempt < len(schedule):
                     time.sleep(step.pause)
                     continue
-                raise self.statement_error(mig, exc, start, index, attempt) from None
+                raise self.statement_error(mig, exc, start, index, attempt, step.lock_timeout) from None
             finally:
-                if step.lock_timeout and not self.conn.closed:
-                    cur.execute("RESET lock_timeout")
+                if step.lock_timeout:
+                    with contextlib.suppress(psycopg2.Error):  # the connection may have died with the statement
+                        cur.execute("RESET lock_timeout")
 
     def apply(self, mig: Migration, create_history: bool, adopting: bool) -> dict:
         """Run one file from the session's defaults, then record it; a transactional file and its row commit together.
