@@ -533,9 +533,10 @@ class Session:
                    step: Attempt) -> dict:
         cur = self.conn.cursor()
         try:
-            cur.execute(RESET_SESSION + ("; BEGIN" if mig.transactional else ""))
-            if step.lock_timeout:
-                cur.execute("SELECT set_config('lock_timeout', %s, true)", (step.lock_timeout,))
+            if step.lock_timeout:  # one round trip: the attempt's lock_timeout, local to the file's transaction
+                cur.execute(RESET_SESSION + "; BEGIN; SELECT set_config('lock_timeout', %s, true)", (step.lock_timeout,))
+            else:
+                cur.execute(RESET_SESSION + ("; BEGIN" if mig.transactional else ""))
             before = self.catalog_fingerprint() if adopting else None
             attempt = self.run_file(mig, attempt)  # a no-transaction file: its most retried statement's attempts
             adopted = adopting and before == self.catalog_fingerprint()
