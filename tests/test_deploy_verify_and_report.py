@@ -128,6 +128,7 @@ def test_verify_with_a_read_only_monitoring_login_on_an_up_to_date_database(tmp_
         res = play(tmp_path, db, "verify-db.yml", env=env_text(db, password=password, POSTGRES_USER=role))
         assert res.rc == 0 and recap(res.output)["localhost"]["changed"] == 0, res.output
         assert "already applied: 022_stock_monitoring_schema.sql, 023_stock_monitoring_notifications.sql" in res.output
+        assert "schema: matches the schema file" in res.output  # the whole schema, from the catalog alone
     finally:
         db.drop()
         db.query(f"DROP ROLE {role}", dbname="postgres")
