@@ -176,7 +176,12 @@ class Attempt:
 
 def lock_schedule(entries: list[dict]) -> list[Attempt]:
     """The attempts of a file, from [{lock_timeout, sleep, times}]; none listed: one attempt, no retry."""
-    attempts = [Attempt(str(e["lock_timeout"]), seconds(e["sleep"])) for e in entries for _ in range(e.get("times") or 1)]
+    attempts: list[Attempt] = []
+    for e in entries:
+        times = 1 if e.get("times") is None else e["times"]
+        if times < 1:
+            raise ValueError(f"times is {times} in the entry with lock_timeout {e['lock_timeout']!r}: 1 or more")
+        attempts += [Attempt(str(e["lock_timeout"]), seconds(e["sleep"]))] * times
     for a in attempts:
         seconds(a.lock_timeout)  # validated here, before anything runs
     return attempts or [Attempt(None, 0.0)]

@@ -85,8 +85,9 @@ def classify_connect_error(message: str) -> str:
     low = message.lower()
     if "does not exist" in low and "database" in low:
         return "no_database"
-    # libpq's words when target_session_attrs=read-write finds no server that takes writes.
-    if "hot standby mode" in low or "session is read-only" in low:
+    # libpq's words when target_session_attrs=read-write finds no server that takes writes (14 and later;
+    # 10 to 13), checked before the "down" words, which the second one contains.
+    if any(p in low for p in ("hot standby mode", "session is read-only", "could not make a writable connection")):
         return "standby"
     if any(p in low for p in ("password authentication failed", "no pg_hba.conf entry", "authentication failed",
                               "role \"", "no password supplied", "permission denied for database")):
@@ -204,22 +205,20 @@ class Session:
         return self.p["option_names"].get(option, option)
 
     # Connections ---------------------------------------------------------------------------------
-    def _connect_once(self, dbname: str, read_only: bool) -> psycopg2.extensions.connection:
-        """A deploy and its plan go to a server that takes writes: with several hosts in login_host (libpq's
-        multi-host form, as HA setups use), the primary; a standby alone is refused. Verify reads any."""
+    def _connect_once(self, dbname: str, read_only: bool, writable: bool = True) -> psycopg2.extensions.connection:
+        """A server that takes writes: with several hosts in login_host (libpq's multi-host form, as HA
+        setups use), the primary. Verify falls back to any server (see connect)."""
         options = f"-c lock_timeout={self.p['lock_timeout']} -c statement_timeout={self.p['statement_timeout']}"
-        if read_only and self.verify:
-            options += " -c default_transaction_read_only=on"
         kwargs = {"host": self.p["login_host"], "port": self.p["login_port"], "user": self.p["login_user"],
                   "dbname": dbname, "connect_timeout": self.p["connect_timeout"], "sslmode": self.p["ssl_mode"],
                   "application_name": self.p["application_name"], "options": options,
-                  "target_session_attrs": "any" if self.verify else "read-write"}
+                  "target_session_attrs": "read-write" if writable else "any"}
         if self.p["login_password"]:
             kwargs["password"] = self.p["login_password"]
         if self.p["ca_cert"]:
             kwargs["sslrootcert"] = self.p["ca_cert"]
         conn = psycopg2.connect(**kwargs)
-        if read_only and not self.verify:
+        if read_only:
             # Set after connecting: libpq's read-write test would take a read-only startup option for a standby.
             conn.set_session(readonly=True, autocommit=True)
         return conn
@@ -227,13 +226,18 @@ class Session:
     def connect(self, dbname: str, read_only: bool) -> psycopg2.extensions.connection:
         """Connect, retrying while the server is down until wait_timeout; raise a named failure otherwise."""
         deadline = time.monotonic() + self.p["wait_timeout"]
+        writable = True
         while True:
             try:
-                conn = self._connect_once(dbname, read_only)
+                conn = self._connect_once(dbname, read_only, writable)
                 conn.autocommit = True
                 return conn
             except psycopg2.OperationalError as exc:
                 reason = classify_connect_error(str(exc))
+                if reason == "standby" and self.verify and writable:
+                    # Verify prefers the primary (a standby may lag behind a deploy that just ran), then reads any.
+                    writable = False
+                    continue
                 if reason == "down" and time.monotonic() < deadline:
                     time.sleep(0.5)
                     continue
@@ -248,9 +252,10 @@ class Session:
             return (f"PostgreSQL server at {where} is not reachable{waited}: {first_line(error)}. "
                     "Check that it is running and that POSTGRES_HOST/POSTGRES_PORT are right")
         if reason == "standby":
-            return (f"PostgreSQL at {where} is a read-only standby (hot standby): a deploy writes, so it needs the "
-                    "primary. Point POSTGRES_HOST at the primary, or list the cluster's hosts (POSTGRES_HOST="
-                    f"host1,host2) so that each deploy finds the current primary ({first_line(error)})")
+            return (f"PostgreSQL at {where} does not accept writes: it is a read-only standby (hot standby), or its "
+                    "sessions are read-only (default_transaction_read_only). A deploy writes, so it needs the primary. "
+                    "Point POSTGRES_HOST at the primary, or list the cluster's hosts (POSTGRES_HOST=host1,host2) so "
+                    f"that each deploy finds the current primary ({first_line(error)})")
         if reason == "auth":
             return (f"Login to PostgreSQL at {where} as {user!r} (database {dbname!r}) was refused: {first_line(error)}. "
                     "Check POSTGRES_USER/POSTGRES_PASSWORD and the server's pg_hba.conf")
@@ -663,11 +668,15 @@ class Session:
         expected = self.p["expected_schema"]
         reason = not_compared(expected.get("migrations", {}), applied)
         major = self.conn.server_version // 10000
-        if not reason and expected.get("postgresql") not in (None, major):
-            reason = (f"the schema file was made on PostgreSQL {expected['postgresql']} and this server is {major}: the "
-                      "server words definitions differently between major versions (run make schema on the same one)")
-        if reason:
-            return {"schema_compared": False, "schema_not_compared": reason, "schema_differences": []}
+        unusable = None  # the file cannot describe this database at all: verify fails on it
+        if expected.get("schema", self.schema) != self.schema:
+            unusable = f"the schema file describes schema {expected['schema']!r}, not {self.schema!r}"
+        elif expected.get("postgresql") not in (None, major):
+            unusable = (f"the schema file was made on PostgreSQL {expected['postgresql']} and this server is {major}: "
+                        "the server words definitions differently between major versions (run make schema on the same)")
+        if unusable or reason:
+            return {"schema_compared": False, "schema_not_compared": unusable or reason,
+                    "schema_file_unusable": bool(unusable), "schema_differences": []}
         actual = self.query(SNAPSHOT, {"schema": self.schema, "table": self.table})[0][0]
         return {"schema_compared": True, "schema_differences": differences(expected.get("objects", {}), actual)}
 

@@ -131,3 +131,16 @@ def test_a_lock_schedule_expands_its_entries_and_no_entry_means_one_attempt():
     assert pm.seconds("250") == 0.25 and pm.seconds("1.5min") == 90.0
     with pytest.raises(ValueError, match="'soon' is not a duration"):
         pm.lock_schedule([{"lock_timeout": "soon", "sleep": "1s"}])
+
+
+def test_a_lock_schedule_refuses_an_entry_of_no_attempt():
+    with pytest.raises(ValueError, match="times is 0"):
+        pm.lock_schedule([{"lock_timeout": "100ms", "sleep": "1s", "times": 0}])
+
+
+def test_no_writable_server_is_told_apart_from_a_server_that_is_down_whatever_the_libpq():
+    for message in ('connection to server at "db2" (10.0.0.2), port 5432 failed: session is read-only',
+                    'connection to server at "db2", port 5432 failed: server is in hot standby mode',
+                    'could not make a writable connection to server "db2:5432"'):  # libpq 10 to 13
+        assert session.classify_connect_error(message) == "standby"
+    assert session.classify_connect_error('connection to server at "db2", port 5432 failed: Connection refused') == "down"

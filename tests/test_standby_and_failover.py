@@ -56,3 +56,19 @@ def test_several_hosts_deploy_to_the_primary_and_after_a_failover_to_the_promote
     res = play(tmp_path, on_standby, env=both, extra={"stock_monitoring_db_migrations_dir": str(folder)})
     assert res.rc == 0 and "applied: 025_after.sql" in res.output, res.output
     assert [r[0] for r in on_standby.history()] == [22, 23, 24, 25]
+
+
+def test_verify_given_several_hosts_reads_the_primary_not_a_lagging_standby(tmp_path, pair):
+    primary, standby = pair
+    on_primary, on_standby = deployed(tmp_path, primary, standby)
+    on_standby.query("SELECT pg_wal_replay_pause()")  # the standby falls behind
+    folder = write_migrations(tmp_path / "m", {"024_more.sql": "CREATE TABLE stock_monitoring.more (id int);\n"},
+                              with_real=True)
+    extra = {"stock_monitoring_db_migrations_dir": str(folder)}
+    assert play(tmp_path, on_primary, extra=extra).rc == 0
+    both = env_text(on_primary, POSTGRES_HOST="127.0.0.2,127.0.0.1")  # the standby first
+    res = play(tmp_path, on_primary, "verify-db.yml", env=both, extra=extra)
+    assert res.rc == 0, res.output
+    # Alone, the standby is still read: verify reports what it has.
+    res = play(tmp_path, on_standby, "verify-db.yml", extra=extra)
+    assert res.rc != 0 and "pending migrations: 024_more.sql" in res.output, res.output
