@@ -179,18 +179,26 @@ FILE_KINDS = {stat.S_IFDIR: "directory", stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "s
               stat.S_IFBLK: "block device"}
 
 
+def user_name() -> str:
+    """Who runs the module, for messages; a uid without a passwd entry (a container's) by its number."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
 def read_file(path: str) -> str | None:
     """The file's text as python-dotenv reads it (UTF-8, universal newlines); None when it does not exist.
 
     Opened without blocking and checked to be a regular file before reading: a FIFO would wait for a
     writer for ever.
     """
-    user = pwd.getpwuid(os.geteuid()).pw_name
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
     except PermissionError:
+        user = user_name()
         if os.access(os.path.dirname(os.path.abspath(path)), os.X_OK):
             raise DotenvError(f"{path} cannot be read by {user}: give it read access (owner, group or mode)") from None
         raise DotenvError(f"{path} cannot be reached by {user}: a directory on its path denies it (each directory "

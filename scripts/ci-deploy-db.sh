@@ -24,14 +24,14 @@ quote() {
   printf "'%s'" "${value//\'/\\\'}"
 }
 
+# Assignments, so that set -e stops the script when quote refuses a value.
+host=$(quote postgres-host "${INPUT_HOST:-127.0.0.1}")
+port=$(quote postgres-port "${INPUT_PORT:-5432}")
+user=$(quote postgres-user "${INPUT_USER:-postgres}")
+db=$(quote postgres-db "${INPUT_DB:-stock_monitoring}")
 env_file=$(mktemp "$temp/stock-monitoring-db-env.XXXXXX")
 trap 'rm -f "$env_file"' EXIT
-{
-  echo "POSTGRES_HOST=$(quote postgres-host "${INPUT_HOST:-127.0.0.1}")"
-  echo "POSTGRES_PORT=$(quote postgres-port "${INPUT_PORT:-5432}")"
-  echo "POSTGRES_USER=$(quote postgres-user "${INPUT_USER:-postgres}")"
-  echo "POSTGRES_DB=$(quote postgres-db "${INPUT_DB:-stock_monitoring}")"
-} > "$env_file"
+printf 'POSTGRES_HOST=%s\nPOSTGRES_PORT=%s\nPOSTGRES_USER=%s\nPOSTGRES_DB=%s\n' "$host" "$port" "$user" "$db" > "$env_file"
 
 args=(-i inventory/local playbooks/deploy-db.yml
       -e '{"stock_monitoring_db_postgres_password": "{{ lookup(\"ansible.builtin.env\", \"POSTGRES_PASSWORD\") }}"}')

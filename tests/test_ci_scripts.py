@@ -100,3 +100,9 @@ def test_the_deploy_db_action_says_when_the_password_is_not_set(tmp_path):
     res = run_action({}, "", tmp_path)
     assert res.returncode != 0 and "set POSTGRES_PASSWORD in the env of the step" in res.stderr
     assert not os.listdir(tmp_path) or sorted(os.listdir(tmp_path)) == ["step.sh"]
+
+
+def test_the_deploy_db_action_refuses_a_line_break_in_an_input_before_anything_runs(tmp_path):
+    res = run_action({"postgres-db": "stock\nmonitoring"}, "pw", tmp_path)
+    assert res.returncode == 2 and "the postgres-db input holds a line break" in res.stderr, res.stdout + res.stderr
+    assert "PLAY" not in res.stdout and sorted(p.name for p in tmp_path.iterdir()) == ["step.sh"]

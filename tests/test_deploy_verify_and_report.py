@@ -316,3 +316,16 @@ def test_a_history_row_deleted_by_hand_is_not_answered_with_renumber(tmp_path, d
     assert res.rc != 0 and "022_stock_monitoring_schema.sql" in res.output
     assert "its history row was deleted" in res.output and "stock_monitoring_db_out_of_order=apply" in res.output, \
         res.output
+
+
+def test_verify_fails_when_the_schema_file_cannot_describe_the_server_and_a_deploy_only_says_so():
+    result = {"database_exists": True, "schema_compared": False, "schema_file_unusable": True,
+              "schema_not_compared": "the schema file was made on PostgreSQL 15 and this server is 16: ..."}
+    assert outcome(result, "h", LOGIN, "s", "verify", check=True)["problems"] == [
+        "schema not compared: the schema file was made on PostgreSQL 15 and this server is 16: ..."]
+    assert outcome(result, "h", LOGIN, "s", "deploy", check=False)["problems"] == []
+
+
+def test_a_schema_file_that_does_not_exist_is_named_not_ignored(tmp_path, db):
+    res = play(tmp_path, db, "verify-db.yml", extra={"stock_monitoring_db_schema_file": str(tmp_path / "nope.json")})
+    assert res.rc != 0 and f"The schema file {tmp_path / 'nope.json'} does not exist on the controller" in res.output
