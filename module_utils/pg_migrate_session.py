@@ -15,6 +15,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from typing import TypeVar
 
 from ansible.module_utils.pg_migrate_plan import (
     LOCK_CONFLICTS,
@@ -102,12 +103,22 @@ STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 CONCURRENTLY = re.compile(r"\bCONCURRENTLY\b", re.IGNORECASE)
 
 
-class LockRace(Exception):
-    """A transactional file lost a race for a lock (lock_timeout, deadlock victim) and was rolled back whole."""
+T = TypeVar("T")
 
-    def __init__(self, step: Attempt) -> None:
-        super().__init__("lock race")
-        self.step = step
+
+class LockRace(Exception):
+    """An attempt lost a race for a lock (lock_timeout, deadlock victim) and left nothing: try again."""
+
+
+def with_lock_retries(schedule: list[Attempt], attempt_once: Callable[[int, Attempt, bool], T]) -> T:
+    """attempt_once(attempt, step, last) for each step of the schedule until it returns; it raises LockRace,
+    when it lost a lock race and this was not the last attempt, for another one after the step's pause."""
+    for attempt, step in enumerate(schedule, 1):
+        try:
+            return attempt_once(attempt, step, attempt == len(schedule))
+        except LockRace:
+            time.sleep(step.pause)
+    raise AssertionError("the last attempt never raises LockRace")
 
 
 def parent_of(pid: int) -> int | None:
@@ -480,20 +491,19 @@ class Session:
             msg += f" Grant role {self.p['login_user']!r} the privilege named above."
         return MigrationError(msg, failed_migration=mig.name, sqlstate=code, line=line)
 
-    def run_file(self, mig: Migration, attempt: int) -> int:
+    def run_file(self, mig: Migration, attempt: int, step: Attempt, last: bool) -> int:
         """A transactional file goes to the server whole (its parser reads it), in the transaction apply()
-        opened, under the lock_timeout of this attempt; raise LockRace when it lost a race for a lock
-        and another attempt is left. A no-transaction file runs one statement at a time: see run_statement."""
+        opened, under the lock_timeout of this attempt (see with_lock_retries). A no-transaction file runs
+        one statement at a time (see run_statement). The attempts it took."""
         with self.conn.cursor() as cur:
             if mig.transactional:
                 try:
                     cur.execute(mig.text)
                 except psycopg2.Error as exc:
                     self.rollback(mig)
-                    if exc.pgcode in LOCK_CONFLICTS and attempt < len(self.schedule):
-                        raise LockRace(self.schedule[attempt - 1]) from None
-                    raise self.statement_error(mig, exc, 0, None, attempt,
-                                               self.schedule[attempt - 1].lock_timeout) from None
+                    if exc.pgcode in LOCK_CONFLICTS and not last:
+                        raise LockRace from None
+                    raise self.statement_error(mig, exc, 0, None, attempt, step.lock_timeout) from None
                 return attempt
             return max((self.run_statement(cur, mig, index, start, end)
                         for index, (start, end, _line) in enumerate(mig.statements, 1)), default=1)
@@ -503,22 +513,23 @@ class Session:
         stayed, so it alone is retried by the schedule. Not a CONCURRENTLY statement, which leaves an invalid
         index behind when it fails: it runs once, under the session's lock_timeout."""
         text = mig.text[start:end]
-        schedule = [Attempt(None, 0.0)] if CONCURRENTLY.search(text) else self.schedule
-        for attempt, step in enumerate(schedule, 1):
+
+        def attempt_once(attempt: int, step: Attempt, last: bool) -> int:
             if step.lock_timeout:
                 cur.execute("SELECT set_config('lock_timeout', %s, false)", (step.lock_timeout,))
             try:
                 cur.execute(text)
                 return attempt
             except psycopg2.Error as exc:
-                if exc.pgcode in LOCK_CONFLICTS and attempt < len(schedule):
-                    time.sleep(step.pause)
-                    continue
+                if exc.pgcode in LOCK_CONFLICTS and not last:
+                    raise LockRace from None
                 raise self.statement_error(mig, exc, start, index, attempt, step.lock_timeout) from None
             finally:
                 if step.lock_timeout:
                     with contextlib.suppress(psycopg2.Error):  # the connection may have died with the statement
                         cur.execute("RESET lock_timeout")
+
+        return with_lock_retries([Attempt(None, 0.0)] if CONCURRENTLY.search(text) else self.schedule, attempt_once)
 
     def apply(self, mig: Migration, create_history: bool, adopting: bool) -> dict:
         """Run one file from the session's defaults, then record it; a transactional file and its row commit together.
@@ -527,15 +538,12 @@ class Session:
         create the managed schema itself without IF NOT EXISTS.
         """
         began = time.monotonic()
-        for attempt, step in enumerate(self.schedule if mig.transactional else [Attempt(None, 0.0)], 1):
-            try:
-                return self.apply_once(mig, create_history, adopting, began, attempt, step)
-            except LockRace as race:
-                time.sleep(race.step.pause)
-        raise AssertionError("the last attempt never raises LockRace")
+        return with_lock_retries(self.schedule if mig.transactional else [Attempt(None, 0.0)],
+                                 lambda attempt, step, last: self.apply_once(mig, create_history, adopting, began,
+                                                                             attempt, step, last))
 
     def apply_once(self, mig: Migration, create_history: bool, adopting: bool, began: float, attempt: int,
-                   step: Attempt) -> dict:
+                   step: Attempt, last: bool) -> dict:
         cur = self.conn.cursor()
         try:
             if step.lock_timeout:  # one round trip: the attempt's lock_timeout, local to the file's transaction
@@ -543,7 +551,7 @@ class Session:
             else:
                 cur.execute(RESET_SESSION + ("; BEGIN" if mig.transactional else ""))
             before = self.catalog_fingerprint() if adopting else None
-            attempt = self.run_file(mig, attempt)  # a no-transaction file: its most retried statement's attempts
+            attempt = self.run_file(mig, attempt, step, last)  # no-transaction: its most retried statement's
             adopted = adopting and before == self.catalog_fingerprint()
             # The history row is written by the login, whatever role or settings the file chose.
             cur.execute("SET LOCAL SESSION AUTHORIZATION DEFAULT; SET LOCAL ROLE NONE" if mig.transactional
