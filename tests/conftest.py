@@ -26,7 +26,7 @@ EXPECTED = ["alerts", "audit_log", "notifications", "watchlist_items", "watchlis
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import sshhost
-from pgcluster import Cluster
+from pgcluster import SUPPORTED_MAJORS, Cluster, find_bindir, major_of
 
 # Our module_utils import as ansible.module_utils.<name>, as they do inside a module run.
 ansible.module_utils.__path__.append(str(ROOT / "module_utils"))
@@ -41,27 +41,85 @@ def load_library(name: str, folder: str = "library"):
     return module
 
 
-@pytest.fixture(scope="session")
-def cluster():
-    root = Path(tempfile.mkdtemp(prefix="smdb-test-pg-"))
+DEFAULT_MAJOR = major_of(find_bindir())
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--pg-majors", metavar="M,M|others|none", help=(
+        "run only the every_major tests, on these PostgreSQL majors (others: every supported one but the "
+        "default); none: the whole suite on the default major alone. Without the option: the whole suite on the "
+        "default major, and the every_major tests on every other supported one"))
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "every_major: depends on the server; runs on every supported PostgreSQL "
+                                       "major (the rest of the suite runs on the default one)")
+
+
+def majors_of(config) -> list[int]:
+    """The majors that every_major tests run on."""
+    listed = config.getoption("--pg-majors")
+    others = [m for m in SUPPORTED_MAJORS if m != DEFAULT_MAJOR]
+    if listed in (None, "others", "none"):
+        return {None: [DEFAULT_MAJOR, *others], "others": others, "none": []}[listed]
+    return [int(m) for m in listed.split(",")]
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if metafunc.definition.get_closest_marker("every_major"):
+        majors = majors_of(metafunc.config) or [DEFAULT_MAJOR]
+        for name in ("cluster", "own_cluster"):
+            if name in metafunc.fixturenames:
+                metafunc.parametrize(name, majors, ids=[f"pg{m}" for m in majors], indirect=True)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("--pg-majors") not in (None, "none"):  # the matrix alone
+        keep = [item for item in items if item.get_closest_marker("every_major")]
+        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        items[:] = keep
+
+
+def new_cluster(prefix: str, major: int | None = None) -> Cluster:
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(root, 0o755)  # the server runs as the postgres account when the tests run as root
-    pg = Cluster(root / "cluster")
+    pg = Cluster(root / "cluster", major=major)
     pg.start()
-    yield pg
+    return pg
+
+
+def remove_cluster(pg: Cluster) -> None:
     pg.stop("immediate")
-    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(pg.root.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def servers():
+    """One shared cluster per PostgreSQL major, started when a test first asks for that major."""
+    started: dict[int, Cluster] = {}
+
+    def of(major: int) -> Cluster:
+        if major not in started:
+            started[major] = new_cluster(f"smdb-test-pg{major}-", major)
+        return started[major]
+
+    yield of
+    for pg in started.values():
+        remove_cluster(pg)
 
 
 @pytest.fixture
-def own_cluster():
+def cluster(request, servers) -> Cluster:
+    """The shared cluster of the default major, or of the major an `every_major` test runs on."""
+    return servers(getattr(request, "param", DEFAULT_MAJOR))
+
+
+@pytest.fixture
+def own_cluster(request):
     """A cluster of the test's own, for tests that kill, stop or restart the server."""
-    root = Path(tempfile.mkdtemp(prefix="smdb-test-own-"))
-    os.chmod(root, 0o755)
-    pg = Cluster(root / "cluster")
-    pg.start()
+    pg = new_cluster("smdb-test-own-", getattr(request, "param", DEFAULT_MAJOR))
     yield pg
-    pg.stop("immediate")
-    shutil.rmtree(root, ignore_errors=True)
+    remove_cluster(pg)
 
 
 class Db:

@@ -9,10 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from ansible.module_utils import pg_migrate_plan as pm
 from conftest import EXPECTED, MIGRATIONS, ROOT, ansible_env, module_params, read_migrations, run_module
 
 
+@pytest.mark.every_major
 def test_fresh_apply_then_noop(tmp_path, db):
     db.create()
     res, run = run_module(tmp_path, "pg_migrate", module_params(db, source="pytest fresh"))
@@ -33,6 +35,7 @@ def test_fresh_apply_then_noop(tmp_path, db):
     assert [a["version"] for a in again["already_applied"]] == [22, 23]
 
 
+@pytest.mark.every_major
 def test_adopts_a_database_migrated_by_hand_with_psql(tmp_path, db):
     db.create()
     db.psql_files(*sorted(MIGRATIONS.glob("*.sql")))
@@ -47,6 +50,7 @@ def test_adopts_a_database_migrated_by_hand_with_psql(tmp_path, db):
     assert again["changed"] is False
 
 
+@pytest.mark.every_major
 def test_failing_file_leaves_no_trace_and_names_file_line_and_sqlstate(tmp_path, db):
     db.create()
     files = {
@@ -76,6 +80,7 @@ def test_failure_of_the_first_file_leaves_no_schema_nor_history(tmp_path, db):
     assert not db.query("SELECT 1 FROM pg_namespace WHERE nspname = 'stock_monitoring'")
 
 
+@pytest.mark.every_major
 def test_edited_file_stops_the_run_until_that_exact_change_is_accepted(tmp_path, db):
     db.create()
     files = {p.name: p.read_text() for p in MIGRATIONS.glob("*.sql")}
@@ -105,6 +110,7 @@ def test_edited_file_stops_the_run_until_that_exact_change_is_accepted(tmp_path,
     assert res["changed"] is False
 
 
+@pytest.mark.every_major
 def test_check_mode_executes_nothing_and_reports_the_plan(tmp_path, db):
     # The database does not exist yet: the plan is to create it and apply everything.
     res, run = run_module(tmp_path, "pg_migrate", module_params(db, on_missing_database="create"), check=True, diff=True)
@@ -184,6 +190,7 @@ def test_lock_wait_deadline_names_the_holder(tmp_path, db):
     assert not db.query("SELECT 1 FROM pg_namespace WHERE nspname = 'stock_monitoring'")
 
 
+@pytest.mark.every_major
 def test_non_transactional_file_runs_create_index_concurrently(tmp_path, db):
     db.create()
     files = {

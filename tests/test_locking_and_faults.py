@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from conftest import LOCAL, MIGRATIONS, ROOT, Db, env_text, finish, play, start_playbook, wait_for, write_migrations
 
 DEPLOY = ROOT / "playbooks" / "deploy-db.yml"
@@ -93,6 +94,7 @@ def test_connection_terminated_by_the_server(tmp_path, db):
     assert_consistent(db, [22, 23, 24])
 
 
+@pytest.mark.every_major
 def test_without_lock_retries_lock_timeout_names_the_blocker_and_never_stalls_readers(tmp_path, db):
     assert play(tmp_path, db).rc == 0
     blocker = db.connect(autocommit=False)
@@ -201,6 +203,7 @@ def test_server_that_never_comes_up_fails_at_the_deadline(tmp_path, own_cluster)
     assert 3 <= took < 30 and "Traceback" not in res.output
 
 
+@pytest.mark.every_major
 def test_missing_privileges_are_named(tmp_path, db):
     role, password = f"app_{uuid.uuid4().hex[:8]}", "app-Pw-" + uuid.uuid4().hex[:8]
     db.query(f"CREATE ROLE {role} LOGIN NOCREATEDB PASSWORD %s", (password,), dbname="postgres")
@@ -306,6 +309,7 @@ class Readers:
 ALTER = {"024_alerts_note.sql": "ALTER TABLE stock_monitoring.alerts ADD COLUMN note text;\n"}
 
 
+@pytest.mark.every_major
 def test_a_migration_blocked_by_a_report_is_retried_and_goes_through_when_the_report_ends(tmp_path, db):
     """The default schedule: readers wait at most one attempt's lock_timeout (500 ms), never the report's length."""
     assert play(tmp_path, db).rc == 0
@@ -321,6 +325,7 @@ def test_a_migration_blocked_by_a_report_is_retried_and_goes_through_when_the_re
     assert longest < 0.8, f"a reader waited {longest:.2f} s behind the migration"
 
 
+@pytest.mark.every_major
 def test_lock_retries_that_run_out_fail_naming_the_blocker(tmp_path, db):
     assert play(tmp_path, db).rc == 0
     report = Report(db)
@@ -336,6 +341,7 @@ def test_lock_retries_that_run_out_fail_naming_the_blocker(tmp_path, db):
     assert [r[0] for r in db.history()] == [22, 23]
 
 
+@pytest.mark.every_major
 def test_in_a_no_transaction_file_the_blocked_statement_alone_is_retried(tmp_path, db):
     assert play(tmp_path, db).rc == 0
     report = Report(db)
@@ -350,6 +356,7 @@ def test_in_a_no_transaction_file_the_blocked_statement_alone_is_retried(tmp_pat
     assert db.query("SELECT attempts FROM stock_monitoring.pg_migrate_history WHERE version = 24")[0][0] > 1
 
 
+@pytest.mark.every_major
 def test_a_deadlock_victim_is_rolled_back_and_retried(tmp_path, db):
     assert play(tmp_path, db).rc == 0
     other = db.connect(autocommit=False)

@@ -42,6 +42,7 @@ def planter(db):
     db.query(f"DROP ROLE {role}", dbname="postgres")
 
 
+@pytest.mark.every_major
 def test_a_planted_history_table_with_a_trigger_is_refused_and_its_code_never_runs(tmp_path, db, planter):
     role, password = planter
     conn = db.connect(user=role, password=password)
@@ -61,6 +62,7 @@ def test_a_planted_history_table_with_a_trigger_is_refused_and_its_code_never_ru
     assert "watchlists" not in db.tables()
 
 
+@pytest.mark.every_major
 def test_a_trigger_on_a_trusted_history_table_is_refused(tmp_path, db):
     db.create()
     run_module(tmp_path, "pg_migrate", module_params(db))
@@ -71,6 +73,7 @@ def test_a_trigger_on_a_trusted_history_table_is_refused(tmp_path, db):
     assert run.rc != 0 and "has trigger noop" in res["msg"]
 
 
+@pytest.mark.every_major
 def test_a_schema_created_by_hand_as_postgres_is_deployed_by_the_app_login(tmp_path, db):
     """The seed's process: postgres (a superuser) creates the schema, the application's own login deploys."""
     db.create()
