@@ -71,7 +71,7 @@ def generate(folder: Path = MIGRATIONS) -> dict:
     finally:
         pg.stop("immediate")
         shutil.rmtree(work, ignore_errors=True)
-    # Definitions are deparsed by the server: compared only with servers of the same major version.
+    # The major it was made on, for the reader: the comparison holds on every supported major.
     return {"comment": "Written by make schema from the migrations listed here: do not edit, regenerate.",
             "schema": SCHEMA, "postgresql": major, "migrations": migrations(folder), "objects": objects}
 
