@@ -98,6 +98,8 @@ def classify_connect_error(message: str) -> str:
     return "other"
 
 
+# The majors pg_migrate supports and is tested on (README, meta/main.yml).
+SUPPORTED_SERVERS = (14, 18)
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 # CREATE INDEX / REINDEX ... CONCURRENTLY: a failure leaves an invalid index, so such a statement is not retried.
 CONCURRENTLY = re.compile(r"\bCONCURRENTLY\b", re.IGNORECASE)
@@ -242,7 +244,7 @@ class Session:
             try:
                 conn = self._connect_once(dbname, read_only, writable)
                 conn.autocommit = True
-                return conn
+                break
             except psycopg2.OperationalError as exc:
                 reason = classify_connect_error(str(exc))
                 if reason == "standby" and self.verify and writable:
@@ -255,6 +257,25 @@ class Session:
                 if reason == "no_database":
                     raise
                 raise MigrationError(self._connect_message(reason, dbname, str(exc)), reason=reason) from None
+        try:
+            self.check_server(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def check_server(self, conn: psycopg2.extensions.connection) -> None:
+        version = conn.server_version
+        shown = f"{version // 10000}.{version % 10000}"
+        if version < SUPPORTED_SERVERS[0] * 10000:
+            raise MigrationError(
+                f"PostgreSQL {shown} at {self.where} is not supported: pg_migrate supports PostgreSQL "
+                f"{SUPPORTED_SERVERS[0]} to {SUPPORTED_SERVERS[1]} (older majors are out of community support and "
+                "lack what it relies on, such as pg_database_owner). Upgrade the server; nothing was changed",
+                reason="unsupported", server_version=shown)
+        if version >= (SUPPORTED_SERVERS[1] + 1) * 10000:
+            self.warn(f"PostgreSQL {shown} is newer than the majors pg_migrate is tested on "
+                      f"({SUPPORTED_SERVERS[0]} to {SUPPORTED_SERVERS[1]})")
 
     def _connect_message(self, reason: str, dbname: str, error: str) -> str:
         user, where = self.p["login_user"], self.where
