@@ -272,9 +272,16 @@ attributes:
 requirements:
   - psycopg2 >= 2.8 (on the target host)
   - pglast >= 8 (on the controller)
+  - PostgreSQL 14 to 18 (an older server is refused before anything runs)
 notes:
-  - Connect directly or through a session-pooling proxy. PgBouncer in transaction pooling mode
-    cannot hold the session-level migration lock.
+  - Connect directly or through a session-pooling proxy. Behind a pooler that hands the session's
+    server connection to other clients between transactions (PgBouncer's transaction or statement
+    pooling), a run that writes, and its check mode, are refused before anything is set; O(verify) reads
+    through it. Nothing goes in the C(options) startup parameter, which PgBouncer refuses or drops; the
+    timeouts are set by SQL, and in check mode and O(verify) each query carries its own C(READ ONLY)
+    and timeouts, local to its transaction.
+  - With several hosts in O(login_host), the run goes to the one that takes writes; a missing database
+    is created there, and the run then connects to that host.
   - The migration files must not contain their own C(BEGIN)/C(COMMIT) (unless marked no-transaction),
     nor psql meta-commands.
   - A runtime error in a transactional file (a unique violation, a division by zero) comes without a

@@ -20,9 +20,10 @@ from __future__ import annotations
 import re
 
 # One query. Run with search_path = pg_catalog, so that every name outside pg_catalog is qualified
-# the same way whatever the session's search_path.
+# the same way whatever the session's search_path; local to the query's transaction, so that it stays
+# off a pooled session.
 SNAPSHOT = """
-SET search_path = pg_catalog;
+SET LOCAL search_path = pg_catalog;
 WITH s AS (SELECT oid FROM pg_namespace WHERE nspname = %(schema)s),
 rel AS (SELECT c.* FROM pg_class c, s WHERE c.relnamespace = s.oid AND c.relname <> %(table)s)
 SELECT json_build_object(

@@ -50,7 +50,8 @@ SERVER_DOWN_PATTERNS = ("could not connect", "connection refused", "timeout expi
 # What a file may leave behind in the session; the next file starts without it, as with `psql -f` per file.
 # (DISCARD ALL would also release the migration lock.)
 RESET_SESSION = ("SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; RESET ALL; DEALLOCATE ALL; CLOSE ALL; "
-                 "UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES")
+                 "UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES; SELECT set_config('lock_timeout', %(lock_timeout)s, "
+                 "false), set_config('statement_timeout', %(statement_timeout)s, false)")
 # One round trip: the managed schema and history table, who owns them, whether the login may trust and
 # use them, and whether the schema already holds tables (a database migrated by hand).
 INSPECT = """
@@ -100,6 +101,54 @@ def classify_connect_error(message: str) -> str:
 
 # The majors pg_migrate supports and is tested on (README, meta/main.yml).
 SUPPORTED_SERVERS = (14, 18)
+# The run's timeouts for the session; the values are the module's options.
+TIMEOUTS = ("set_config('lock_timeout', %(lock_timeout)s, false), "
+            "set_config('statement_timeout', %(statement_timeout)s, false)")
+# How long a second client of a pool may wait for a server connection while ours is idle: longer means the
+# pool keeps ours for us (session pooling) and has no other free.
+POOL_PROBE_WAIT = 1.0
+
+
+def wait_ready(conn: psycopg2.extensions.connection, deadline: float) -> bool:
+    """Drive an asynchronous connection until its operation is done; False when the deadline passes first."""
+    while True:
+        state = conn.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if state == psycopg2.extensions.POLL_READ:
+            select.select([conn.fileno()], [], [], left)
+        elif state == psycopg2.extensions.POLL_WRITE:
+            select.select([], [conn.fileno()], [], left)
+
+
+def shares_server(conn: psycopg2.extensions.connection, connect: Callable[[], psycopg2.extensions.connection]) -> bool:
+    """Whether the pooler in front gives this session's server connection to another client between our
+    transactions: a second client of the same pool asks for its server process while ours is idle. The same
+    process, or ours changed meanwhile: shared. The second client served by another one, or left waiting for
+    one (the pool keeps ours for us and has no other free): not shared. Nothing is set by either client."""
+    def server_pid(c: psycopg2.extensions.connection) -> int:
+        with c.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            return cur.fetchone()[0]
+
+    ours = server_pid(conn)
+    other = connect()
+    try:
+        deadline = time.monotonic() + POOL_PROBE_WAIT
+        if not wait_ready(other, deadline):
+            return False
+        cur = other.cursor()
+        cur.execute("SELECT pg_backend_pid()")
+        if not wait_ready(other, deadline):
+            return False
+        return cur.fetchone()[0] == ours or server_pid(conn) != ours
+    finally:
+        other.close()
+
+
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 # CREATE INDEX / REINDEX ... CONCURRENTLY: a failure leaves an invalid index, so such a statement is not retried.
 CONCURRENTLY = re.compile(r"\bCONCURRENTLY\b", re.IGNORECASE)
@@ -209,6 +258,7 @@ class Session:
         self.schema = params["schema"]
         self.table = params["history_table"]
         self.conn = None
+        self.read_only = False  # the connection's queries run READ ONLY (see settle)
         self.to_run: list[Migration] = []  # what ran, or in check mode what would run (for --diff)
         self.where = f"{params['login_host']}:{params['login_port']}"
         self.schedule = lock_schedule(params["lock_retries"])
@@ -218,32 +268,36 @@ class Session:
         return self.p["option_names"].get(option, option)
 
     # Connections ---------------------------------------------------------------------------------
-    def _connect_once(self, dbname: str, read_only: bool, writable: bool = True) -> psycopg2.extensions.connection:
+    def _connect_once(self, dbname: str, writable: bool = True, on: tuple[str, int] | None = None,
+                      async_: bool = False) -> psycopg2.extensions.connection:
         """A server that takes writes: with several hosts in login_host (libpq's multi-host form, as HA
-        setups use), the primary. Verify falls back to any server (see connect)."""
-        options = f"-c lock_timeout={self.p['lock_timeout']} -c statement_timeout={self.p['statement_timeout']}"
+        setups use), the primary; `on` one host and port of them. Verify falls back to any server (see connect).
+
+        No `options` startup parameter: PgBouncer refuses it, or takes it and drops it. The timeouts are set
+        by SQL once the session is known to be ours (see settle)."""
         kwargs = {"host": self.p["login_host"], "port": self.p["login_port"], "user": self.p["login_user"],
                   "dbname": dbname, "connect_timeout": self.p["connect_timeout"], "sslmode": self.p["ssl_mode"],
-                  "application_name": self.p["application_name"], "options": options,
+                  "application_name": self.p["application_name"],
                   "target_session_attrs": "read-write" if writable else "any"}
+        if on:
+            kwargs.update(host=on[0], port=on[1])
         if self.p["login_password"]:
             kwargs["password"] = self.p["login_password"]
         if self.p["ca_cert"]:
             kwargs["sslrootcert"] = self.p["ca_cert"]
-        conn = psycopg2.connect(**kwargs)
-        if read_only:
-            # Set after connecting: libpq's read-write test would take a read-only startup option for a standby.
-            conn.set_session(readonly=True, autocommit=True)
+        conn = psycopg2.connect(**kwargs, async_=async_)
+        if not async_:  # a probe (see shares_server) is autocommit, driven by the caller
+            conn.autocommit = True
         return conn
 
-    def connect(self, dbname: str, read_only: bool) -> psycopg2.extensions.connection:
-        """Connect, retrying while the server is down until wait_timeout; raise a named failure otherwise."""
+    def connect(self, dbname: str, read_only: bool, on: tuple[str, int] | None = None) -> psycopg2.extensions.connection:
+        """Connect, retrying while the server is down until wait_timeout; raise a named failure otherwise.
+        The connection is settled (see settle) on a supported server."""
         deadline = time.monotonic() + self.p["wait_timeout"]
         writable = True
         while True:
             try:
-                conn = self._connect_once(dbname, read_only, writable)
-                conn.autocommit = True
+                conn = self._connect_once(dbname, writable, on)
                 break
             except psycopg2.OperationalError as exc:
                 reason = classify_connect_error(str(exc))
@@ -259,6 +313,7 @@ class Session:
                 raise MigrationError(self._connect_message(reason, dbname, str(exc)), reason=reason) from None
         try:
             self.check_server(conn)
+            self.settle(conn, dbname, read_only)
         except BaseException:
             conn.close()
             raise
@@ -276,6 +331,45 @@ class Session:
         if version >= (SUPPORTED_SERVERS[1] + 1) * 10000:
             self.warn(f"PostgreSQL {shown} is newer than the majors pg_migrate is tested on "
                       f"({SUPPORTED_SERVERS[0]} to {SUPPORTED_SERVERS[1]})")
+
+    def settle(self, conn: psycopg2.extensions.connection, dbname: str, read_only: bool) -> None:
+        """Set the run's timeouts where they cannot outlive it, after making sure the session is ours.
+
+        Behind a connection pooler (the session's process id differs from the one the connection was
+        given), a session that the pooler hands to other clients between transactions (PgBouncer's
+        transaction and statement pooling) would carry what a deploy sets (the migration lock, each file's
+        settings) to the application: a deploy and its plan are refused there before anything is set. A
+        read-only run sets nothing on the session: each of its queries carries its own READ ONLY and
+        timeouts, local to the query's transaction (see query), so verify reads through any pool.
+        """
+        self.read_only = read_only
+
+        def probe() -> psycopg2.extensions.connection:  # another client of the same pool
+            return self._connect_once(dbname, on=(conn.info.host, conn.info.port), async_=True)
+
+        with conn.cursor() as cur:
+            # One round trip when the session is the server's own (no pooler): the usual case.
+            cur.execute("SELECT pg_backend_pid() = %(pid)s, CASE WHEN pg_backend_pid() = %(pid)s AND NOT %(read_only)s "
+                        "THEN concat(" + TIMEOUTS + ") END",
+                        {"pid": conn.info.backend_pid, "read_only": read_only, **self.timeouts()})
+            if cur.fetchone()[0] or self.verify:
+                return
+            if shares_server(conn, probe):
+                raise self.shared_session()
+            if not read_only:
+                cur.execute("SELECT " + TIMEOUTS, self.timeouts())
+
+    def timeouts(self) -> dict:
+        return {"lock_timeout": self.p["lock_timeout"], "statement_timeout": self.p["statement_timeout"]}
+
+    def shared_session(self) -> MigrationError:
+        return MigrationError(
+            f"{self.where} is a connection pooler that hands this session's server connection to other clients "
+            "between transactions (PgBouncer's pool_mode transaction or statement). A deploy needs one server "
+            "session from its start to its end (the migration lock, the settings each file runs under, CREATE INDEX "
+            "CONCURRENTLY), and what it sets there would reach the application's connections. Point the deploy at "
+            f"the PostgreSQL server itself with {self.named('login_host')} and {self.named('login_port')} (the "
+            "backend keeps its .env), or at a pool in session mode. Nothing was changed", reason="pooler")
 
     def _connect_message(self, reason: str, dbname: str, error: str) -> str:
         user, where = self.p["login_user"], self.where
@@ -295,6 +389,13 @@ class Session:
 
     # Queries ---------------------------------------------------------------------------------------
     def query(self, statement: str | pgsql.Composable, args: tuple | dict = ()) -> list[tuple]:
+        """One query; on a read-only connection in a READ ONLY transaction of its own, under the run's timeouts
+        (the durations were validated: digits and a unit)."""
+        if self.read_only:
+            statement = pgsql.SQL("SET TRANSACTION READ ONLY; SET LOCAL lock_timeout = {}; "
+                                  "SET LOCAL statement_timeout = {}; ").format(
+                pgsql.Literal(self.p["lock_timeout"]), pgsql.Literal(self.p["statement_timeout"])) + (
+                pgsql.SQL(statement) if isinstance(statement, str) else statement)
         with self.conn.cursor() as cur:
             cur.execute(statement, args)
             return cur.fetchall() if cur.description else []
@@ -548,7 +649,7 @@ class Session:
             finally:
                 if step.lock_timeout:
                     with contextlib.suppress(psycopg2.Error):  # the connection may have died with the statement
-                        cur.execute("RESET lock_timeout")
+                        cur.execute("SELECT set_config('lock_timeout', %s, false)", (self.p["lock_timeout"],))
 
         return with_lock_retries([Attempt(None, 0.0)] if CONCURRENTLY.search(text) else self.schedule, attempt_once)
 
@@ -568,9 +669,10 @@ class Session:
         cur = self.conn.cursor()
         try:
             if step.lock_timeout:  # one round trip: the attempt's lock_timeout, local to the file's transaction
-                cur.execute(RESET_SESSION + "; BEGIN; SELECT set_config('lock_timeout', %s, true)", (step.lock_timeout,))
+                cur.execute(RESET_SESSION + "; BEGIN; SELECT set_config('lock_timeout', %(attempt)s, true)",
+                            {**self.timeouts(), "attempt": step.lock_timeout})
             else:
-                cur.execute(RESET_SESSION + ("; BEGIN" if mig.transactional else ""))
+                cur.execute(RESET_SESSION + ("; BEGIN" if mig.transactional else ""), self.timeouts())
             before = self.catalog_fingerprint() if adopting else None
             attempt = self.run_file(mig, attempt, step, last)  # no-transaction: its most retried statement's
             adopted = adopting and before == self.catalog_fingerprint()
@@ -636,7 +738,7 @@ class Session:
                     result.update(tables=[], missing_tables=sorted(self.p["expected_tables"]), unexpected_tables=[])
                 return result
             result["database_created"] = result["changed"] = self.create_database()
-            self.conn.close()
+            self.close()
             self.conn = self.connect(self.p["login_db"], read_only=False)
 
         result["server_version"] = self.server_version()

@@ -4,7 +4,9 @@
 # - openssh-server and Debian's python3-psycopg2, for the tests that deploy over real SSH to a
 #   non-root user on this machine (its sshd is started by the tests on a port of their own, never
 #   as a service);
-# - shellcheck, which make lint runs on the shell scripts.
+# - shellcheck, which make lint runs on the shell scripts;
+# - pgbouncer, for the tests that deploy through a connection pooler (started by the tests, never as a
+#   service).
 # Docker and mmdebstrap are handled by docker-up.sh and build-images.sh when Molecule runs.
 set -euo pipefail
 missing=()
@@ -12,6 +14,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v psql >/dev/nul
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 /usr/bin/python3 -c 'import psycopg2' 2>/dev/null || missing+=(python3-psycopg2)
 command -v shellcheck >/dev/null || missing+=(shellcheck)
+[ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "host-deps: missing ${missing[*]}; as root: apt-get install -y ${missing[*]}" >&2
