@@ -719,27 +719,30 @@ class Session:
         try:
             self.conn = self.connect(self.p["login_db"], read_only=check)
         except psycopg2.OperationalError as exc:
-            # The server answered and the login is good, but the database is missing: confirm on the
-            # maintenance database, so that a typo in the host is not reported as a missing database.
+            # The server answered and the login is good, but the database is missing there: confirm on the
+            # maintenance database, so that a typo in the host is not reported as a missing database. With
+            # several hosts, that is the primary's; a standby listed first may not have replayed the database yet.
             self.conn = self.connect(self.p["maintenance_db"], read_only=check or mode != "create")
             result["server_version"] = self.server_version()
-            if mode == "fail":
-                raise MigrationError(f"Database {self.p['login_db']!r} does not exist on {self.where}: "
-                                     f"create it first, or set {self.named('on_missing_database')}=create") from exc
-            if check and mode == "create" and not self.can_create_databases():
-                raise self.no_createdb() from None  # the plan predicts the failure the deploy would have
-            if check or mode == "report":
-                for mig in migrations:
-                    mig.check_runnable()  # a broken file shows in the plan already
-                result.update(database_exists=False, pending=[m.summary() for m in migrations],
-                              changed=check and mode == "create")
-                self.to_run = migrations
-                if self.p["expected_tables"] is not None:
-                    result.update(tables=[], missing_tables=sorted(self.p["expected_tables"]), unexpected_tables=[])
-                return result
-            result["database_created"] = result["changed"] = self.create_database()
+            server = (self.conn.info.host, self.conn.info.port)
+            if not self.query("SELECT 1 FROM pg_database WHERE datname = %s", (self.p["login_db"],)):
+                if mode == "fail":
+                    raise MigrationError(f"Database {self.p['login_db']!r} does not exist on {self.where}: "
+                                         f"create it first, or set {self.named('on_missing_database')}=create") from exc
+                if check and mode == "create" and not self.can_create_databases():
+                    raise self.no_createdb() from None  # the plan predicts the failure the deploy would have
+                if check or mode == "report":
+                    for mig in migrations:
+                        mig.check_runnable()  # a broken file shows in the plan already
+                    result.update(database_exists=False, pending=[m.summary() for m in migrations],
+                                  changed=check and mode == "create")
+                    self.to_run = migrations
+                    if self.p["expected_tables"] is not None:
+                        result.update(tables=[], missing_tables=sorted(self.p["expected_tables"]), unexpected_tables=[])
+                    return result
+                result["database_created"] = result["changed"] = self.create_database()
             self.close()
-            self.conn = self.connect(self.p["login_db"], read_only=False)
+            self.conn = self.connect(self.p["login_db"], read_only=check, on=server)
 
         result["server_version"] = self.server_version()
         if not check:

@@ -72,3 +72,16 @@ def test_verify_given_several_hosts_reads_the_primary_not_a_lagging_standby(tmp_
     # Alone, the standby is still read: verify reports what it has.
     res = play(tmp_path, on_standby, "verify-db.yml", extra=extra)
     assert res.rc != 0 and "pending migrations: 024_more.sql" in res.output, res.output
+
+
+def test_a_first_deploy_given_the_standby_first_creates_the_database_on_the_primary(tmp_path, pair):
+    primary, _standby = pair
+    on_primary = Db(primary, f"t_{uuid.uuid4().hex[:10]}")
+    both = env_text(on_primary, POSTGRES_HOST="127.0.0.2,127.0.0.1")  # the standby first, no database yet
+    res = play(tmp_path, on_primary, args=["--check"], env=both)
+    assert res.rc == 0 and "database: would be created" in res.output, res.output
+    res = play(tmp_path, on_primary, env=both)
+    assert res.rc == 0 and "database: created" in res.output, res.output
+    assert [r[0] for r in on_primary.history()] == [22, 23]
+    res = play(tmp_path, on_primary, "verify-db.yml", env=both)
+    assert res.rc == 0, res.output
