@@ -107,6 +107,7 @@ TIMEOUTS = ("set_config('lock_timeout', %(lock_timeout)s, false), "
 # How long a second client of a pool may wait for a server connection while ours is idle: longer means the
 # pool keeps ours for us (session pooling) and has no other free.
 POOL_PROBE_WAIT = 1.0
+POOL_PROBE_ROUNDS = 3
 
 
 def wait_ready(conn: psycopg2.extensions.connection, deadline: float) -> bool:
@@ -137,14 +138,16 @@ def shares_server(conn: psycopg2.extensions.connection, connect: Callable[[], ps
     ours = server_pid(conn)
     other = connect()
     try:
-        deadline = time.monotonic() + POOL_PROBE_WAIT
-        if not wait_ready(other, deadline):
+        if not wait_ready(other, time.monotonic() + POOL_PROBE_WAIT):
             return False
         cur = other.cursor()
-        cur.execute("SELECT pg_backend_pid()")
-        if not wait_ready(other, deadline):
-            return False
-        return cur.fetchone()[0] == ours or server_pid(conn) != ours
+        for _ in range(POOL_PROBE_ROUNDS):  # a busy transaction pool may hand out another free one once
+            cur.execute("SELECT pg_backend_pid()")
+            if not wait_ready(other, time.monotonic() + POOL_PROBE_WAIT):
+                return False
+            if cur.fetchone()[0] == ours or server_pid(conn) != ours:
+                return True
+        return False
     finally:
         other.close()
 
@@ -259,6 +262,8 @@ class Session:
         self.table = params["history_table"]
         self.conn = None
         self.read_only = False  # the connection's queries run READ ONLY (see settle)
+        self.startup_options = True  # off once a pooler refused the options startup parameter
+        self.warned_newer = False
         self.to_run: list[Migration] = []  # what ran, or in check mode what would run (for --diff)
         self.where = f"{params['login_host']}:{params['login_port']}"
         self.schedule = lock_schedule(params["lock_retries"])
@@ -273,12 +278,16 @@ class Session:
         """A server that takes writes: with several hosts in login_host (libpq's multi-host form, as HA
         setups use), the primary; `on` one host and port of them. Verify falls back to any server (see connect).
 
-        No `options` startup parameter: PgBouncer refuses it, or takes it and drops it. The timeouts are set
-        by SQL once the session is known to be ours (see settle)."""
+        The timeouts go in the `options` startup parameter, which makes them the session's defaults (a
+        file's RESET returns to them), unless a pooler refused it before (see connect); a pooler that takes
+        it and drops it is found by settle, which then sets them by SQL."""
         kwargs = {"host": self.p["login_host"], "port": self.p["login_port"], "user": self.p["login_user"],
                   "dbname": dbname, "connect_timeout": self.p["connect_timeout"], "sslmode": self.p["ssl_mode"],
                   "application_name": self.p["application_name"],
                   "target_session_attrs": "read-write" if writable else "any"}
+        if self.startup_options:
+            kwargs["options"] = (f"-c lock_timeout={self.p['lock_timeout']} "
+                                 f"-c statement_timeout={self.p['statement_timeout']}")
         if on:
             kwargs.update(host=on[0], port=on[1])
         if self.p["login_password"]:
@@ -300,6 +309,9 @@ class Session:
                 conn = self._connect_once(dbname, writable, on)
                 break
             except psycopg2.OperationalError as exc:
+                if self.startup_options and "unsupported startup parameter: options" in str(exc):
+                    self.startup_options = False  # PgBouncer's default: connect without, set them by SQL
+                    continue
                 reason = classify_connect_error(str(exc))
                 if reason == "standby" and self.verify and writable:
                     # Verify prefers the primary (a standby may lag behind a deploy that just ran), then reads any.
@@ -314,6 +326,10 @@ class Session:
         try:
             self.check_server(conn)
             self.settle(conn, dbname, read_only)
+        except psycopg2.Error as exc:
+            conn.close()  # not a missing database (run takes an OperationalError from here for one)
+            raise MigrationError(f"Connected to PostgreSQL at {self.where} (database {dbname!r}), but setting up the "
+                                 f"session failed: {first_line(str(exc))}", reason="other") from None
         except BaseException:
             conn.close()
             raise
@@ -328,7 +344,8 @@ class Session:
                 f"{SUPPORTED_SERVERS[0]} to {SUPPORTED_SERVERS[1]} (older majors are out of community support and "
                 "lack what it relies on, such as pg_database_owner). Upgrade the server; nothing was changed",
                 reason="unsupported", server_version=shown)
-        if version >= (SUPPORTED_SERVERS[1] + 1) * 10000:
+        if version >= (SUPPORTED_SERVERS[1] + 1) * 10000 and not self.warned_newer:
+            self.warned_newer = True
             self.warn(f"PostgreSQL {shown} is newer than the majors pg_migrate is tested on "
                       f"({SUPPORTED_SERVERS[0]} to {SUPPORTED_SERVERS[1]})")
 
@@ -348,15 +365,17 @@ class Session:
             return self._connect_once(dbname, on=(conn.info.host, conn.info.port), async_=True)
 
         with conn.cursor() as cur:
-            # One round trip when the session is the server's own (no pooler): the usual case.
-            cur.execute("SELECT pg_backend_pid() = %(pid)s, CASE WHEN pg_backend_pid() = %(pid)s AND NOT %(read_only)s "
+            # One round trip when the session is the server's own (no pooler): the usual case. There the
+            # startup options set the timeouts, unless a pooler refused them before: then by SQL.
+            cur.execute("SELECT pg_backend_pid() = %(pid)s, CASE WHEN pg_backend_pid() = %(pid)s AND %(set)s "
                         "THEN concat(" + TIMEOUTS + ") END",
-                        {"pid": conn.info.backend_pid, "read_only": read_only, **self.timeouts()})
+                        {"pid": conn.info.backend_pid, "set": not read_only and not self.startup_options,
+                         **self.timeouts()})
             if cur.fetchone()[0] or self.verify:
                 return
             if shares_server(conn, probe):
                 raise self.shared_session()
-            if not read_only:
+            if not read_only:  # a pooler that dropped the startup options, or refused them
                 cur.execute("SELECT " + TIMEOUTS, self.timeouts())
 
     def timeouts(self) -> dict:
@@ -797,8 +816,7 @@ class Session:
         return result
 
     def compare_schema(self, applied: dict[str, str]) -> dict:
-        """The schema against the canonical file, when the database has exactly the file's migrations.
-        Last query of the run: it leaves search_path at pg_catalog."""
+        """The schema against the canonical file, when the database has exactly the file's migrations."""
         expected = self.p["expected_schema"]
         reason = not_compared(expected.get("migrations", {}), applied)
         unusable = None  # the file cannot describe this database at all: verify fails on it

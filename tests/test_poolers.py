@@ -120,3 +120,18 @@ def test_through_a_session_pool_plan_deploy_and_verify_work_and_leave_nothing_be
     assert_application_finds_clean_connections(bouncer, db)
     res = play(tmp_path, db, env=env, extra=extra)
     assert res.rc == 0 and "changed=0" in res.output, res.output
+
+
+@pytest.mark.every_major
+def test_directly_a_file_that_resets_its_settings_gets_the_deploys_timeouts_back(tmp_path, db):
+    """The timeouts are the session's defaults on a direct connection (startup options), so RESET returns to
+    them, as with `psql -f` and PGOPTIONS; not to the server's 0 (wait forever)."""
+    resets = {"024_resets.sql": "SET lock_timeout = '1min';\nRESET ALL;\nCREATE TABLE stock_monitoring.seen AS SELECT "
+                                "current_setting('lock_timeout') AS lock_timeout, "
+                                "current_setting('statement_timeout') AS statement_timeout;\n"}
+    folder = write_migrations(tmp_path / "m", resets, with_real=True)
+    extra = {"stock_monitoring_db_migrations_dir": str(folder), "stock_monitoring_db_schema_file": "",
+             "stock_monitoring_db_lock_retries": []}
+    res = play(tmp_path, db, extra=extra)
+    assert res.rc == 0, res.output
+    assert db.query("SELECT * FROM stock_monitoring.seen") == [("5s", "15min")]
