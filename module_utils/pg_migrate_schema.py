@@ -61,14 +61,16 @@ COLUMN_FIELDS = (("type", "type"), ("not_null", "NOT NULL"), ("default", "defaul
                  ("generated", "generated"), ("comment", "comment"))
 
 
-# A qualifier in a view body ("alerts." in alerts.symbol, or a schema's): not written by every major.
-QUALIFIER = re.compile(r'(?<![\w."$])(?:"(?:[^"]|"")+"|[A-Za-z_][\w$]*)\.(?=["A-Za-z_])')
+# In a view body: a string literal (kept as it is), or the qualifier of a column ("alerts." in alerts.symbol),
+# which not every major writes. A relation's schema, after FROM or JOIN, is kept.
+VIEW_TOKEN = re.compile(r"""('(?:[^']|'')*')|(?<![\w."$])(?<!FROM )(?<!FROM \()(?<!FROM \(\()(?<!FROM \(\(\()(?<!JOIN )"""
+                        r"""(?:"(?:[^"]|"")+"|[A-Za-z_][\w$]*)\.(?=["A-Za-z_])""")
 
 
 def comparable(kind: str, definition: object) -> object:
     """A definition in the form compared, the same on every supported major."""
     if kind == "views" and isinstance(definition, str):
-        return QUALIFIER.sub("", " ".join(definition.split()))
+        return VIEW_TOKEN.sub(lambda m: m.group(1) or "", " ".join(definition.split()))
     return definition
 
 
