@@ -133,6 +133,10 @@ def analyse(name: str, text: str) -> dict:
     transactional = is_transactional(text)
     lines = Lines(text)
     result: dict = {} if transactional else {"transactional": False}
+    if "\0" in text:  # the lexer and libpq would both stop there: what follows would never run
+        result["problem"] = (f"Migration {name}, line {lines.at(text.index(chr(0)))}: it holds a NUL character, where "
+                             "PostgreSQL would end the file's text, leaving the rest unrun: remove it")
+        return result
     slices, parse_error = split(text)
     suspect = "\\" in text or STANDARD_STRINGS.search(text) is not None
     for piece in slices:
@@ -142,6 +146,7 @@ def analyse(name: str, text: str) -> dict:
             return result
     if parse_error:
         message, index = parse_error
+        index = len(text) if index is None else index  # "syntax error at end of input" has no position
         version = ".".join(map(str, pg_parser.get_postgresql_version()))
         result["problem"] = (f"Migration {name}, line {lines.at(index)}: {message}, read by PostgreSQL {version}'s "
                              "parser before anything runs: fix the SQL")

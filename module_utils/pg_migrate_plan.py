@@ -12,6 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+BIGINT_MAX = 2**63 - 1  # the history table's version column
 NAME_RE = re.compile(r"^(\d+)_([A-Za-z0-9][A-Za-z0-9_.-]*)\.sql$")
 LINE_END = re.compile(r"\r\n|\r|\n")
 BOM = "\ufeff"
@@ -78,6 +79,10 @@ def load_migrations(files: dict, findings: dict | None) -> list[Migration]:
         if not isinstance(text, str):
             raise MigrationError(f"Migration {name}: its content must be text")
         version = int(m.group(1))
+        if version > BIGINT_MAX:
+            raise MigrationError(f"Migration {name}: its version {m.group(1)} is larger than the history table's version "
+                                 f"column holds (bigint, at most {BIGINT_MAX}): number it with fewer digits, such as a "
+                                 "timestamp to the second (20191100000001)")
         if version in by_version:
             raise MigrationError(f"Migrations {by_version[version].name} and {name} have the same version {version}: "
                                  "renumber one of them")

@@ -618,6 +618,12 @@ class Session:
         msg = f"{where}: SQLSTATE {code} {psycopg2.errorcodes.lookup(code).lower()}: {message}. {effect}"
         if code == "25001":
             msg += " Mark the file with '-- pg_migrate:no-transaction' in its first lines to run it outside a transaction."
+        elif code == "2D000" and mig.transactional:
+            msg += (" A COMMIT or ROLLBACK inside a DO block or a procedure (CALL) cannot end the file's own transaction: "
+                    "mark the file with '-- pg_migrate:no-transaction' in its first lines to run it outside one.")
+        elif code == "55P04" and mig.transactional:
+            msg += (" A new enum value cannot be used in the transaction that added it: move the ALTER TYPE ... ADD VALUE "
+                    "into an earlier file, or mark this file with '-- pg_migrate:no-transaction' in its first lines.")
         if code in LOCK_CONFLICTS and attempts > 1:
             msg += (f" It lost the race for its locks on each of {attempts} attempts "
                     f"({self.named('lock_retries')}): {self.relation_lock_holders()}.")

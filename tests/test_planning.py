@@ -37,6 +37,10 @@ def test_real_migrations_load_in_order():
     ({"001_x.SQL": "SELECT 1;"}, "does not match"),
     ({"001_empty.sql": "-- nothing here\n\n"}, "holds no SQL statement"),
     ({"001_tx.sql": "BEGIN;\nSELECT 1;\nCOMMIT;"}, "line 1: it starts with BEGIN"),
+    ({"20191100000001000000_x.sql": "SELECT 1;"}, "its version 20191100000001000000 is larger than the history "
+                                                  "table's version column holds \\(bigint"),
+    ({"001_nul.sql": "CREATE TABLE a (id int);\n\0\nCREATE TABLE b (id int);\n"}, "line 2: it holds a NUL character"),
+    ({"001_cut.sql": "SELECT 1;\nCREATE TABLE t (id int"}, "line 2: syntax error at end of input"),
 ])
 def test_bad_file_sets_are_refused(files, message):
     with pytest.raises(pm.MigrationError, match=message):

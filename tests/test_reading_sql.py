@@ -118,6 +118,8 @@ def test_each_file_starts_from_the_session_defaults(tmp_path, db):
     ("CREATE TABLE t (id int);\nCOMMIT;\nCREATE TABLE u (id int);\n", 2, "it starts with COMMIT"),
     ("START TRANSACTION;\nCREATE TABLE t (id int);\n", 1, "it starts with START"),
     ("CREATE TABLE t (id int;\n", 1, "syntax error"),
+    ("CREATE TABLE t (id int);\n\0\nCREATE TABLE u (id int);\n", 2, "it holds a NUL character"),
+    ("CREATE TABLE u (id int);\nCREATE TABLE t (id int", 2, "syntax error at end of input"),
 ])
 def test_what_cannot_run_is_refused_naming_the_line_before_anything_runs(tmp_path, db, text, line, words):
     db.create()
@@ -127,6 +129,18 @@ def test_what_cannot_run_is_refused_naming_the_line_before_anything_runs(tmp_pat
     assert run.rc != 0 and f"Migration 002_x.sql, line {line}: " in res["msg"] and words in res["msg"], res["msg"]
     assert "connection to the server was lost" not in res["msg"] and "Traceback" not in run.output
     assert db.query("SELECT to_regclass('ok'), to_regclass('t')")[0] == (None, None)  # nothing ran, 001 neither
+
+
+@pytest.mark.parametrize("text, sqlstate", [
+    ("CREATE TABLE t (id int);\nDO $$ BEGIN INSERT INTO t VALUES (1); COMMIT; END $$;\n", "2D000"),
+    ("CREATE TYPE mood AS ENUM ('ok');\nALTER TYPE mood ADD VALUE 'great';\nSELECT 'great'::mood;\n", "55P04"),
+])
+def test_a_failure_that_the_no_transaction_marker_would_fix_says_so(tmp_path, db, text, sqlstate):
+    db.create()
+    res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations={"001_x.sql": text}, schema="public",
+                                                                expected_tables=None))
+    assert run.rc != 0 and f"SQLSTATE {sqlstate}" in res["msg"], res["msg"]
+    assert "with '-- pg_migrate:no-transaction' in its first lines" in res["msg"] and "rolled back" in res["msg"]
 
 
 def test_standard_conforming_strings_on_as_pg_dump_writes_it_is_fine():
