@@ -1,17 +1,21 @@
 # Copyright: (c) 2026, Stock Monitoring team
 # MIT License (see LICENSE)
-"""Controller side of pg_migrate: read each migration with PostgreSQL's own lexer and parser.
+"""Controller side of pg_migrate: read each migration as psql does, with PostgreSQL's own scanner.
 
 The module runs on the target host, where only psycopg2 is installed. The SQL is read here, on the
-controller, with pglast (libpg_query, the server's own scanner and grammar), and the module gets what
-was found, for the files where something was, in its internal `findings` option:
+controller, with pglast (libpg_query, PostgreSQL's scanner and grammar), and the module gets what
+was found, for the files where something was, in its internal `findings` option. Whether SQL is valid
+is the target server's to judge, whatever its major: the grammar here is only a fast, exact splitter,
+and where it refuses a file (a word a later major made a keyword, a syntax error), psql's own scanner
+rules split it instead. Found here, before any file runs, naming the line:
 
-- every file must parse: a syntax error stops the run before any file runs, naming the line;
-- a transactional file (the default) is sent to the server whole, inside the file's transaction, so
-  the server's parser reads it; here it is only checked for what cannot run that way (transaction
-  control, COPY with data from the client, psql meta-commands, a change of standard_conforming_strings);
-- a file marked `-- pg_migrate:no-transaction` in its leading comment lines runs one statement at a
-  time; here it is split at the statement boundaries the parser finds, as psql would.
+- what a transactional file (the default, sent to the server whole inside the file's transaction)
+  cannot hold: transaction control, statements PostgreSQL refuses in a transaction block (CREATE INDEX
+  CONCURRENTLY, VACUUM, ...), COPY with data from the client, psql meta-commands, a change of
+  standard_conforming_strings, a NUL character, text the scanner cannot read (an unterminated quote);
+- where a file marked `-- pg_migrate:no-transaction` in its leading comments (of either kind) ends each
+  statement, for the module to run them one at a time;
+- a file of comments only, which runs as a no-op, as psql runs it.
 
 A problem is carried as a message, and the module raises it only if the file is pending: a file that
 was applied long ago never blocks a deploy.
@@ -37,24 +41,51 @@ except ImportError:
 
 BOM = "\ufeff"
 LINE_END = re.compile(r"\r\n|\r|\n")
-# The file's leading lines: blank or `--` comments only, each ended by any line ending.
-LEADING_LINES = re.compile(r"(?:[ \t\f]*(?:--[^\r\n]*)?(?:\r\n|\r|\n))*(?:[ \t\f]*--[^\r\n]*)?")
-MARKER = re.compile(r"[ \t\f]*--[ \t\f]*pg_migrate:no-transaction[ \t\f]*")
+# The marker, as a `--` line or a line of a block comment (` * pg_migrate:no-transaction`, with or without `--`).
+MARKER = re.compile(r"[ \t\f]*(?:/\*+|\*)?[ \t\f]*(?:--)?[ \t\f]*pg_migrate:no-transaction[ \t\f]*(?:\*+/)?[ \t\f]*")
 FIRST_WORD = re.compile(r"[A-Za-z_]+")
 # First keywords of statements that end, start or prepare a transaction. ROLLBACK TO (a savepoint) is fine.
 TRANSACTION_CONTROL = {"BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"}
 # Statements worth a look with the scanner, by their first word.
 SCANNED = TRANSACTION_CONTROL | {"PREPARE", "COPY", "SET"}
+# Statements that may be one PostgreSQL refuses in a transaction block, by their first words: a look with the
+# scanner decides (see no_transaction_statement).
+NO_TRANSACTION_CANDIDATE = re.compile(r"(?is)(?:VACUUM|CLUSTER|REINDEX|ALTER\s+SYSTEM|(?:CREATE|DROP)\s+"
+                                      r"(?:DATABASE|TABLESPACE)|(?:CREATE|DROP)\b.{0,80}?\bCONCURRENTLY)\b")
 STANDARD_STRINGS = re.compile("standard_conforming_strings", re.IGNORECASE)
 STANDARD_STRINGS_ON = {"on", "true", "yes", "1", "default"}
 # Characters of SQL that go inside the module's arguments; more go through a file.
 INLINE_LIMIT = 1 << 20
 
 
+def leading_comments(text: str) -> list[str]:
+    """The comments before the file's first SQL: `--` lines and `/* ... */` blocks (which nest in PostgreSQL)."""
+    comments, at = [], 0
+    while True:
+        while at < len(text) and text[at] in " \t\f\r\n":
+            at += 1
+        if text.startswith("--", at):
+            end = LINE_END.search(text, at)
+            comments.append(text[at:end.start() if end else len(text)])
+            at = end.end() if end else len(text)
+        elif text.startswith("/*", at):
+            depth, end = 1, at + 2
+            while depth and end < len(text):
+                if text.startswith("/*", end):
+                    depth, end = depth + 1, end + 2
+                elif text.startswith("*/", end):
+                    depth, end = depth - 1, end + 2
+                else:
+                    end += 1
+            comments.append(text[at:end])
+            at = end
+        else:
+            return comments
+
+
 def is_transactional(text: str) -> bool:
-    """False when one of the file's leading lines (before any SQL, blank or `--` only) is the marker."""
-    leading = LEADING_LINES.match(text).group(0)
-    return not any(MARKER.fullmatch(line) for line in LINE_END.split(leading))
+    """False when a line of the file's leading comments, `--` ones or inside a `/* ... */` block, is the marker."""
+    return not any(MARKER.fullmatch(line) for comment in leading_comments(text) for line in LINE_END.split(comment))
 
 
 class Lines:
@@ -67,6 +98,21 @@ class Lines:
         return bisect.bisect_right(self.starts, offset)
 
 
+def no_transaction_statement(words: list[str]) -> str | None:
+    """What the statement is, when PostgreSQL refuses to run it inside a transaction block (its words, upper case)."""
+    first, second = [*words, "", ""][:2]
+    if first in ("CREATE", "DROP") and "INDEX" in words[:3] and "CONCURRENTLY" in words[:5]:
+        return f"{first} INDEX CONCURRENTLY"
+    if first == "REINDEX" and ("CONCURRENTLY" in words[:6] or second in ("DATABASE", "SYSTEM")):
+        return "REINDEX CONCURRENTLY" if "CONCURRENTLY" in words[:6] else f"REINDEX {second}"
+    if first == "VACUUM" or (first == "CLUSTER" and set(words[1:]) <= {"VERBOSE", ";"}):
+        return first
+    if (first, second) in (("ALTER", "SYSTEM"), ("CREATE", "DATABASE"), ("DROP", "DATABASE"),
+                           ("CREATE", "TABLESPACE"), ("DROP", "TABLESPACE")):
+        return f"{first} {second}"
+    return None
+
+
 def statement_problem(text: str, piece: slice, transactional: bool, suspect: bool) -> tuple[int, str] | None:
     """Where and why one statement (leading comments allowed) cannot run through pg_migrate, if it cannot.
 
@@ -74,7 +120,8 @@ def statement_problem(text: str, piece: slice, transactional: bool, suspect: boo
     statement is scanned; otherwise only those whose first word asks for it.
     """
     word = FIRST_WORD.match(text, piece.start, piece.stop)
-    if not suspect and (not word or word.group(0).upper() not in SCANNED):
+    candidate = transactional and NO_TRANSACTION_CANDIDATE.match(text, piece.start, min(piece.stop, piece.start + 300))
+    if not suspect and not candidate and (not word or word.group(0).upper() not in SCANNED):
         return None  # the common case, decided without copying the statement
     stmt = text[piece]
     tokens = pg_parser.scan(stmt)
@@ -101,6 +148,12 @@ def statement_problem(text: str, piece: slice, transactional: bool, suspect: boo
                         "escapes as E'...' strings and remove this SET")
     if not transactional:
         return None
+    words = [t.upper() for n, t in zip(names, texts, strict=True) if n not in ("SQL_COMMENT", "C_COMMENT")]
+    outside = no_transaction_statement(words)
+    if outside:
+        return at, (f"{outside} cannot run inside a transaction block, and each file runs in one: mark the file with "
+                    "'-- pg_migrate:no-transaction' in its first lines (its statements then run one at a time, so it "
+                    "must be re-runnable)")
     if (first in TRANSACTION_CONTROL and not (first == "ROLLBACK" and second == "TO")) \
             or (first == "PREPARE" and second == "TRANSACTION"):
         return at, (f"it starts with {first}; each file already runs in one transaction that pg_migrate commits "
@@ -109,20 +162,54 @@ def statement_problem(text: str, piece: slice, transactional: bool, suspect: boo
     return None
 
 
+def psql_split(text: str) -> list[slice]:
+    """The statements as psql ends them, from PostgreSQL's scanner alone: at a semicolon outside parentheses and
+    outside the BEGIN ... END body of CREATE [OR REPLACE] FUNCTION/PROCEDURE (psqlscan.l's own rule), a last
+    statement without one included. Raises the scanner's ParseError (an unterminated quote or comment)."""
+    pieces, start, end = [], None, 0
+    words: list[str] = []  # the statement's first unquoted words, lower case
+    depth = begin = 0
+    for token in pg_parser.scan(text):
+        if token.name in ("SQL_COMMENT", "C_COMMENT"):
+            continue
+        word = text[token.start:token.end + 1]
+        if token.name == "ASCII_59" and depth == 0 and begin == 0:
+            if start is not None:
+                pieces.append(slice(start, end))
+            start, words = None, []
+            continue
+        start = token.start if start is None else start
+        end = token.end + 1
+        if token.name == "ASCII_40":
+            depth += 1
+        elif token.name == "ASCII_41":
+            depth = max(depth - 1, 0)
+        elif token.kind != "NO_KEYWORD" or (token.name == "IDENT" and not word.startswith('"')):
+            words.append(word.lower())
+            routine = words[:2] in (["create", "function"], ["create", "procedure"]) or \
+                words[:4] in (["create", "or", "replace", "function"], ["create", "or", "replace", "procedure"])
+            if routine and depth == 0:
+                if words[-1] == "begin" or (words[-1] == "case" and begin):
+                    begin += 1
+                elif words[-1] == "end" and begin:
+                    begin -= 1
+    if start is not None:
+        pieces.append(slice(start, end))
+    return pieces
+
+
 def split(text: str) -> tuple[list[slice], tuple[str, int] | None]:
-    """The statements as PostgreSQL's parser ends them. Where it cannot parse the text, the scanner's
-    split of as much as it can read (to find a psql construct that explains it), and the error."""
+    """The statements, and the scanner's error where it cannot read the text. PostgreSQL's parser splits
+    exactly and fast; where it refuses the text (a word that a later major made a keyword, a syntax error:
+    the server's to judge, not this controller's grammar), psql's scanner rules do."""
     try:
         return pg_parser.split(text, with_parser=True, only_slices=True), None
+    except pg_parser.ParseError:
+        pass
+    try:
+        return psql_split(text), None
     except pg_parser.ParseError as exc:
-        error = exc.args
-    readable = text
-    for _ in range(2):  # the whole text, then the part before the scanner's own error
-        try:
-            return pg_parser.split(readable, with_parser=False, only_slices=True), error
-        except pg_parser.ParseError as exc:
-            error, readable = exc.args, readable[:exc.args[1]]
-    return [], error
+        return [], exc.args
 
 
 def analyse(name: str, text: str) -> dict:
@@ -146,14 +233,11 @@ def analyse(name: str, text: str) -> dict:
             return result
     if parse_error:
         message, index = parse_error
-        index = len(text) if index is None else index  # "syntax error at end of input" has no position
-        version = ".".join(map(str, pg_parser.get_postgresql_version()))
-        result["problem"] = (f"Migration {name}, line {lines.at(index)}: {message}, read by PostgreSQL {version}'s "
-                             "parser before anything runs: fix the SQL")
+        index = len(text) if index is None else index
+        result["problem"] = (f"Migration {name}, line {lines.at(index)}: {message}: the file cannot be read as SQL "
+                             "(PostgreSQL's scanner) before anything runs: fix it")
         return result
-    if not slices:
-        result["problem"] = f"Migration {name} holds no SQL statement: add its SQL or remove the file"
-    elif not transactional:
+    if not slices or not transactional:  # comments only: nothing to send, a no-op recorded as applied (as psql)
         result["statements"] = [[piece.start, piece.stop, lines.at(piece.start)] for piece in slices]
     return result
 

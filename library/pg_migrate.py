@@ -12,15 +12,19 @@ description:
   - Applies an ordered set of C(NNN_name.sql) migrations to one database and records each in a
     history table, the way Flyway, dbmate or golang-migrate do, from inside Ansible.
   - The SQL is read on the controller by the module's action plugin with pglast (PostgreSQL's own
-    lexer and parser); the target host needs only psycopg2.
+    scanner, and its parser where it reads the file); the target host needs only psycopg2. Whether the
+    SQL is valid is the server's to judge.
   - Each file runs in its own transaction together with its history row, so a failing file leaves
     no trace. Its text goes to the server whole, as one query, so PostgreSQL's own parser reads it;
     a failure names the line from the server's error position. A file holding transaction control
-    (C(BEGIN), C(COMMIT), ...), C(COPY ... FROM stdin), a psql meta-command or a change of
-    C(standard_conforming_strings) is refused before anything runs.
-  - A file whose leading comment lines (before any SQL) hold the marker C(-- pg_migrate:no-transaction)
-    runs one statement at a time outside a transaction (for C(CREATE INDEX CONCURRENTLY)), split where
-    PostgreSQL's parser ends each statement. When such a file fails, the statements before the
+    (C(BEGIN), C(COMMIT), ...), a statement PostgreSQL refuses in a transaction block (C(CREATE INDEX
+    CONCURRENTLY), C(VACUUM), ...), C(COPY ... FROM stdin), a psql meta-command, a change of
+    C(standard_conforming_strings) or a NUL character is refused before anything runs, every such file
+    named in one message. A file of comments only is a no-op, recorded as applied.
+  - A file whose leading comments (before any SQL; C(--) lines or a C(/* ... */) block) hold the marker
+    C(-- pg_migrate:no-transaction) runs one statement at a time outside a transaction (for C(CREATE INDEX
+    CONCURRENTLY)), split where psql would end each statement. After such a file, an INVALID index in
+    O(schema) (left by a failed concurrent build) fails the run, naming it. When such a file fails, the statements before the
     failing one stay committed and the file is not recorded, so it runs again from its first
     statement next time and must be written to be re-runnable.
   - Every file starts from the session's defaults (settings, role, temporary tables), as with one

@@ -60,6 +60,16 @@ class Migration:
                 "transactional": self.transactional}
 
 
+def check_runnable(migrations: list[Migration]) -> None:
+    """Every file that cannot run, named in one message, before any of them runs."""
+    broken = [m for m in migrations if m.problem]
+    if len(broken) == 1:
+        broken[0].check_runnable()
+    if broken:
+        raise MigrationError(f"{len(broken)} migration files cannot run: " + " | ".join(m.problem for m in broken),
+                             failed_migration=broken[0].name, failed_migrations=[m.name for m in broken])
+
+
 def load_migrations(files: dict, findings: dict | None) -> list[Migration]:
     """Validate the names, join each file with what the action plugin found in it, order them by version."""
     if not files:

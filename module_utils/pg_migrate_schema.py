@@ -41,7 +41,8 @@ SELECT json_build_object(
     FROM rel c WHERE c.relkind IN ('r', 'p', 'f')),
   'views', (SELECT coalesce(json_object_agg(c.relname, pg_get_viewdef(c.oid)), '{}') FROM rel c
     WHERE c.relkind IN ('v', 'm')),
-  'indexes', (SELECT coalesce(json_object_agg(c.relname, pg_get_indexdef(c.oid)), '{}') FROM rel c
+  'indexes', (SELECT coalesce(json_object_agg(c.relname, pg_get_indexdef(c.oid)
+      || CASE WHEN x.indisvalid THEN '' ELSE ' (INVALID)' END), '{}') FROM rel c
     JOIN pg_index x ON x.indexrelid = c.oid JOIN pg_class t ON t.oid = x.indrelid WHERE t.relname <> %(table)s),
   'constraints', (SELECT coalesce(json_object_agg(t.relname || '.' || k.conname, pg_get_constraintdef(k.oid)), '{}')
     FROM pg_constraint k JOIN rel t ON t.oid = k.conrelid WHERE k.contype <> 'n'),

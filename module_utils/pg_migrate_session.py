@@ -23,6 +23,7 @@ from ansible.module_utils.pg_migrate_plan import (
     Migration,
     MigrationError,
     advisory_key,
+    check_runnable,
     first_line,
     line_of,
     lock_schedule,
@@ -75,7 +76,8 @@ SELECT n.oid IS NOT NULL, pg_get_userbyid(n.nspowner), n.oid IS NULL OR n.nspown
                AND t.relname <> %(table)s),
        has_database_privilege(current_database(), 'CREATE'),
        n.oid IS NOT NULL AND has_schema_privilege(n.oid, 'CREATE'),
-       EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = c.oid AND attname = 'attempts' AND NOT attisdropped)
+       EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = c.oid AND attname = 'attempts' AND NOT attisdropped),
+       current_setting('standard_conforming_strings')
 FROM (SELECT 1) one
 LEFT JOIN pg_namespace n ON n.nspname = %(schema)s
 LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = %(table)s
@@ -430,7 +432,7 @@ class Session:
         """
         row = self.query(INSPECT, {"schema": self.schema, "table": self.table})[0]
         (schema_exists, schema_owner, schema_trusted, history_exists, table_owner, table_trusted, relkind,
-         attachments, has_tables, can_create_schema, can_create_in_schema, has_attempts) = row
+         attachments, has_tables, can_create_schema, can_create_in_schema, has_attempts, standard_strings) = row
         user = self.p["login_user"]
         for exists, trusted, kind, name, owner in (
                 (schema_exists, schema_trusted, "Schema", self.schema, schema_owner),
@@ -450,7 +452,7 @@ class Session:
         return {"schema_exists": schema_exists, "history_exists": history_exists,
                 "adopting": not history_exists and has_tables,
                 "can_create_schema": can_create_schema, "can_create_in_schema": can_create_in_schema,
-                "history_has_attempts": has_attempts}
+                "history_has_attempts": has_attempts, "standard_strings": standard_strings}
 
     def read_history(self) -> dict[int, dict]:
         rows = self.query(pgsql.SQL("SELECT version, name, checksum FROM {}").format(self.history_ident()))
@@ -644,6 +646,8 @@ class Session:
         one statement at a time (see run_statement). The attempts it took."""
         with self.conn.cursor() as cur:
             if mig.transactional:
+                if mig.statements == []:  # comments only: psql runs it as a no-op, and so does this
+                    return attempt
                 try:
                     cur.execute(mig.text)
                 except psycopg2.Error as exc:
@@ -652,8 +656,25 @@ class Session:
                         raise LockRace from None
                     raise self.statement_error(mig, exc, 0, None, attempt, step.lock_timeout) from None
                 return attempt
-            return max((self.run_statement(cur, mig, index, start, end)
-                        for index, (start, end, _line) in enumerate(mig.statements, 1)), default=1)
+            attempts = max((self.run_statement(cur, mig, index, start, end)
+                            for index, (start, end, _line) in enumerate(mig.statements, 1)), default=1)
+            self.refuse_invalid_indexes(mig)
+            return attempts
+
+    def refuse_invalid_indexes(self, mig: Migration) -> None:
+        """A CREATE INDEX CONCURRENTLY that failed leaves an INVALID index, which CREATE INDEX CONCURRENTLY IF NOT
+        EXISTS then skips: after a no-transaction file, any INVALID index in the managed schema fails the run."""
+        invalid = [r[0] for r in self.query(
+            "SELECT c.relname FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE n.nspname = %s AND NOT x.indisvalid ORDER BY 1", (self.schema,))]
+        if invalid:
+            names = ", ".join(f"{self.schema}.{name}" for name in invalid)
+            raise MigrationError(
+                f"Migration {mig.name} ran, but the managed schema has INVALID indexes: {names} (an index build with "
+                "CONCURRENTLY that failed leaves one, not enforced and not used by queries, and IF NOT EXISTS then "
+                f"skips it). The file was not recorded: drop each (DROP INDEX CONCURRENTLY {names.split(', ')[0]}), "
+                "fix what made the build fail, and run the deploy again", failed_migration=mig.name,
+                invalid_indexes=invalid)
 
     def run_statement(self, cur: psycopg2.extensions.cursor, mig: Migration, index: int, start: int, end: int) -> int:
         """One statement of a no-transaction file, its own transaction: when it loses a lock race, nothing of it
@@ -757,8 +778,7 @@ class Session:
                 if check and mode == "create" and not self.can_create_databases():
                     raise self.no_createdb() from None  # the plan predicts the failure the deploy would have
                 if check or mode == "report":
-                    for mig in migrations:
-                        mig.check_runnable()  # a broken file shows in the plan already
+                    check_runnable(migrations)  # a broken file shows in the plan already
                     result.update(database_exists=False, pending=[m.summary() for m in migrations],
                                   changed=check and mode == "create")
                     self.to_run = migrations
@@ -781,8 +801,17 @@ class Session:
                          self.p["out_of_order"], self.p["option_names"])
         result.update(already_applied=[{"version": m.version, "name": m.name} for m in plan.already_applied],
                       accepted=plan.accepted, drift=plan.drift)
-        for mig in plan.pending:
-            mig.check_runnable()  # every pending file is runnable before any of them runs
+        check_runnable(plan.pending)  # every pending file is runnable before any of them runs
+        escaped = [m.name for m in plan.pending if "\\" in m.text]
+        if state["standard_strings"] == "off" and escaped:
+            raise MigrationError(
+                f"Database {self.p['login_db']!r} reads strings with standard_conforming_strings = off (from the "
+                f"server's configuration, the database or role {self.p['login_user']!r}), where a backslash in "
+                f"'...' escapes the next character; pg_migrate read {', '.join(escaped)} with it on, as PostgreSQL's "
+                "default, so the server would split and run them differently. Nothing was run: write backslash "
+                "escapes as E'...' strings and set the database back to on (ALTER DATABASE ... RESET "
+                "standard_conforming_strings)",
+                failed_migration=escaped[0])
         for d in plan.drift:
             if d["kind"] == "unknown":
                 self.warn(f"Version {d['version']} ({d['name']}) is in the history but has no file")

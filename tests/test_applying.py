@@ -215,7 +215,8 @@ def test_concurrently_in_a_transactional_file_says_how_to_mark_it(tmp_path, db):
     files = {"001_t.sql": "CREATE TABLE t (a int);\nCREATE INDEX CONCURRENTLY t_a ON t (a);\n"}
     res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations=files, expected_tables=None,
                                                                 schema="public"))
-    assert run.rc != 0 and "SQLSTATE 25001" in res["msg"] and "pg_migrate:no-transaction" in res["msg"]
+    assert run.rc != 0 and "Migration 001_t.sql, line 2: CREATE INDEX CONCURRENTLY cannot run inside a transaction " \
+        "block" in res["msg"] and "pg_migrate:no-transaction" in res["msg"], res["msg"]
     assert db.query("SELECT to_regclass('public.t')")[0][0] is None
 
 

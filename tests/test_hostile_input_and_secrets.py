@@ -122,7 +122,8 @@ def test_hostile_database_name_through_the_role(tmp_path, cluster):
 @pytest.mark.parametrize("files, message", [
     ({"001_latin1.sql": b"CREATE TABLE t (v text DEFAULT '\xe9t\xe9');\n"},
      "001_latin1.sql is not UTF-8 text (invalid byte at offset 32): save it as UTF-8"),
-    ({"001_empty.sql": "-- only a comment\n"}, "Migration 001_empty.sql holds no SQL statement"),
+    ({"001_open.sql": "CREATE SCHEMA stock_monitoring;\n/* never closed\n"},
+     "Migration 001_open.sql, line 2: unterminated /* comment"),
     ({"001_a.sql": "SELECT 1;", "1_b.sql": "SELECT 2;"}, "Migrations 001_a.sql and 1_b.sql have the same version 1"),
     ({"first.sql": "SELECT 1;"}, "Migration file name 'first.sql' does not match NNN_name.sql"),
     ({"README.txt": "not a migration"}, "holds no .sql file"),

@@ -35,12 +35,14 @@ def test_real_migrations_load_in_order():
     ({"22_a.sql": "SELECT 1;", "022_b.sql": "SELECT 1;"}, "have the same version 22"),
     ({"abc.sql": "SELECT 1;"}, "does not match NNN_name.sql"),
     ({"001_x.SQL": "SELECT 1;"}, "does not match"),
-    ({"001_empty.sql": "-- nothing here\n\n"}, "holds no SQL statement"),
     ({"001_tx.sql": "BEGIN;\nSELECT 1;\nCOMMIT;"}, "line 1: it starts with BEGIN"),
     ({"20191100000001000000_x.sql": "SELECT 1;"}, "its version 20191100000001000000 is larger than the history "
                                                   "table's version column holds \\(bigint"),
     ({"001_nul.sql": "CREATE TABLE a (id int);\n\0\nCREATE TABLE b (id int);\n"}, "line 2: it holds a NUL character"),
-    ({"001_cut.sql": "SELECT 1;\nCREATE TABLE t (id int"}, "line 2: syntax error at end of input"),
+    ({"001_quote.sql": "SELECT 1;\nSELECT 'never closed;\n"}, "line 2: unterminated quoted string"),
+    ({"001_cic.sql": "CREATE TABLE t (id int);\nCREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS i ON t (id);\n"},
+     "line 2: CREATE INDEX CONCURRENTLY cannot run inside a transaction block"),
+    ({"001_vacuum.sql": "/* maintenance */\nVACUUM (ANALYZE) t;\n"}, "line 2: VACUUM cannot run inside a transaction"),
 ])
 def test_bad_file_sets_are_refused(files, message):
     with pytest.raises(pm.MigrationError, match=message):
@@ -148,3 +150,35 @@ def test_no_writable_server_is_told_apart_from_a_server_that_is_down_whatever_th
                     'could not make a writable connection to server "db2:5432"'):  # libpq 10 to 13
         assert session.classify_connect_error(message) == "standby"
     assert session.classify_connect_error('connection to server at "db2", port 5432 failed: Connection refused') == "down"
+
+
+def test_a_file_of_comments_only_is_a_no_op_and_a_cut_statement_is_the_servers_to_judge():
+    empty, cut = load({"001_empty.sql": "-- reserved\n/* for later */\n", "002_cut.sql": "SELECT 1;\nCREATE TABLE t (id"})
+    assert empty.problem is None and empty.transactional and empty.statements == []
+    assert cut.problem is None and cut.statements is None  # sent whole: the server names the syntax error
+
+
+@pytest.mark.parametrize("text", [
+    "/* License: MIT\n * (c) 2026 */\n-- pg_migrate:no-transaction\nCREATE INDEX CONCURRENTLY i ON t (id);\n",
+    "/*\n * pg_migrate:no-transaction\n */\nCREATE INDEX CONCURRENTLY i ON t (id);\n",
+    "/* outer /* nested */ still outer */\r\n-- pg_migrate:no-transaction\r\nSELECT 1;",
+])
+def test_the_marker_may_stand_in_any_of_the_leading_comments(text):
+    assert not sql.is_transactional(text)
+    assert not sql.is_transactional("-- pg_migrate:no-transaction\n" + text)
+    assert sql.is_transactional("SELECT 1;\n" + text)
+
+
+def test_statements_split_as_psql_splits_them_when_the_parser_cannot_read_the_file():
+    """The grammar of the controller's pglast may refuse words an older server takes (system_user became a
+    keyword in 16): psql's own rule splits then, routine bodies included."""
+    text = ("CREATE TABLE audit (id int, system_user text);\n"
+            "CREATE OR REPLACE FUNCTION f(system_user int) RETURNS int LANGUAGE sql\n"
+            "BEGIN ATOMIC SELECT 1; SELECT CASE WHEN system_user > 0 THEN 2 END; END;\n"
+            "CREATE RULE r AS ON INSERT TO audit DO ALSO (INSERT INTO log VALUES (1); UPDATE log SET id = 2);\n"
+            "SELECT 'a;b' -- ; not here\n;;\nSELECT 3")
+    pieces = [text[piece] for piece in sql.psql_split(text)]
+    assert [p.split()[0] for p in pieces] == ["CREATE", "CREATE", "CREATE", "SELECT", "SELECT"]
+    assert pieces[1].endswith("END") and pieces[3] == "SELECT 'a;b'" and pieces[4] == "SELECT 3"
+    found = sql.analyse("001_x.sql", "-- pg_migrate:no-transaction\n" + text)
+    assert "problem" not in found and len(found["statements"]) == 5

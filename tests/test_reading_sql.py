@@ -3,6 +3,9 @@ naming the line, before anything runs. Real files against a real server, side by
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 from conftest import Db, load_library, module_params, run_module
 
@@ -117,9 +120,10 @@ def test_each_file_starts_from_the_session_defaults(tmp_path, db):
      2, "changes standard_conforming_strings"),
     ("CREATE TABLE t (id int);\nCOMMIT;\nCREATE TABLE u (id int);\n", 2, "it starts with COMMIT"),
     ("START TRANSACTION;\nCREATE TABLE t (id int);\n", 1, "it starts with START"),
-    ("CREATE TABLE t (id int;\n", 1, "syntax error"),
     ("CREATE TABLE t (id int);\n\0\nCREATE TABLE u (id int);\n", 2, "it holds a NUL character"),
-    ("CREATE TABLE u (id int);\nCREATE TABLE t (id int", 2, "syntax error at end of input"),
+    ("CREATE TABLE t (id int);\nCREATE INDEX CONCURRENTLY t_id ON t (id);\n", 2,
+     "CREATE INDEX CONCURRENTLY cannot run inside a transaction block"),
+    ("CREATE TABLE t (v text DEFAULT 'never closed);\n", 1, "unterminated quoted string"),
 ])
 def test_what_cannot_run_is_refused_naming_the_line_before_anything_runs(tmp_path, db, text, line, words):
     db.create()
@@ -163,3 +167,96 @@ def test_a_database_name_cut_mid_character_is_refused_clearly(tmp_path, cluster)
     res, run = run_module(tmp_path, "pg_migrate", module_params(Db(cluster, name), on_missing_database="create"))
     assert run.rc != 0 and "bytes long in UTF-8; PostgreSQL names hold at most 63 bytes" in res["msg"]
     assert "Traceback" not in run.output and "UnicodeDecodeError" not in run.output
+
+
+def test_every_file_that_cannot_run_is_named_in_one_run_and_in_the_plan(tmp_path, db):
+    db.create()
+    files = {"001_ok.sql": "CREATE TABLE ok (id int);\n",
+             **{f"00{n}_wrapped.sql": f"BEGIN;\nCREATE TABLE t{n} (id int);\nCOMMIT;\n" for n in (2, 3, 4)}}
+    for check in (True, False):
+        res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations=files, schema="public",
+                                                                    expected_tables=None), check=check)
+        assert run.rc != 0 and "3 migration files cannot run: " in res["msg"], res["msg"]
+        for n in (2, 3, 4):
+            assert f"Migration 00{n}_wrapped.sql, line 1: it starts with BEGIN" in res["msg"]
+    assert db.query("SELECT to_regclass('ok')")[0] == (None,)
+
+
+def test_a_database_reading_strings_with_standard_conforming_strings_off_is_refused_before_anything_runs(tmp_path, db):
+    """Read with the setting on (the default), the COMMIT below is inside a string; a server reading with it off
+    sees a quote escaped there, then the COMMIT as a statement, which would commit half the file."""
+    db.create()
+    db.query(f'ALTER DATABASE "{db.name}" SET standard_conforming_strings = off', dbname="postgres")
+    files = {"001_t.sql": "CREATE TABLE t (v text);\n",
+             "002_x.sql": "CREATE TABLE half (id int);\nSELECT '\\' || ' ; COMMIT; SELECT 1; --' || '\\';\n"}
+    assert sql.analyse("002_x.sql", files["002_x.sql"]) == {}  # nothing the controller would refuse
+    res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations=files, schema="public",
+                                                                expected_tables=None))
+    assert run.rc != 0 and "reads strings with standard_conforming_strings = off" in res["msg"], res["msg"]
+    assert "read 002_x.sql with it on" in res["msg"] and "Nothing was run" in res["msg"]
+    assert db.query("SELECT to_regclass('t'), to_regclass('half')")[0] == (None, None)
+
+
+@pytest.mark.every_major
+def test_an_index_left_invalid_by_a_failed_concurrent_build_fails_the_deploy_until_it_is_dropped(tmp_path, db):
+    db.create()
+    db.query("CREATE TABLE public.prices (symbol text); INSERT INTO public.prices VALUES ('A'), ('A')")
+    files = {"001_unique.sql": NO_TX + "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS prices_symbol_key "
+                                       "ON public.prices (symbol);\n"}
+    params = module_params(db, migrations=files, schema="public", expected_tables=None)
+    res, run = run_module(tmp_path, "pg_migrate", params)
+    assert run.rc != 0 and "SQLSTATE 23505" in res["msg"], res["msg"]
+    db.query("DELETE FROM public.prices WHERE ctid = (SELECT max(ctid) FROM public.prices)")  # the duplicate fixed
+    res, run = run_module(tmp_path, "pg_migrate", params)  # IF NOT EXISTS skips the INVALID index
+    assert run.rc != 0 and "the managed schema has INVALID indexes: public.prices_symbol_key" in res["msg"], res
+    assert "DROP INDEX CONCURRENTLY public.prices_symbol_key" in res["msg"]
+    assert db.query("SELECT to_regclass('public.pg_migrate_history')") == [(None,)]  # not recorded
+    db.query("DROP INDEX CONCURRENTLY public.prices_symbol_key")
+    res, run = run_module(tmp_path, "pg_migrate", params)
+    assert run.rc == 0 and [r[0] for r in db.history("public")] == [1], res
+    assert db.query("SELECT indisvalid FROM pg_index WHERE indexrelid = 'public.prices_symbol_key'::regclass") == [(True,)]
+
+
+@pytest.mark.every_major
+@pytest.mark.parametrize("text", [
+    "CREATE TABLE audit (id int, system_user text);\nCREATE TABLE t (id int);\n",
+    "CREATE FUNCTION json_table(x int) RETURNS int LANGUAGE sql AS 'SELECT x';\nCREATE TABLE t (id int);\n",
+], ids=["system_user", "json_table"])
+def test_words_that_later_majors_made_keywords_are_the_servers_to_judge(tmp_path, cluster, cleanup, text):
+    """Refused or not, exactly as psql on the same server: never by the controller's newer grammar."""
+    ours, theirs = (Db(cluster, f"{tmp_path.name[-20:]}_{side}".lower()) for side in ("ours", "psql"))
+    for d in (ours, theirs):
+        d.drop()
+        d.create()
+        cleanup.append(d)
+    path = tmp_path / "001_x.sql"
+    path.write_text(text)
+    psql_ok = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-1", "-d", theirs.name, "-f", str(path)],
+                             env={**os.environ, **cluster.env()}, capture_output=True).returncode == 0
+    res, run = run_module(tmp_path, "pg_migrate", module_params(ours, migrations={"001_x.sql": text}, schema="public",
+                                                                expected_tables=None))
+    assert (run.rc == 0) == psql_ok, res
+    if psql_ok:
+        assert catalog(ours) == catalog(theirs) != []
+    else:
+        assert "Migration 001_x.sql failed at line 1: SQLSTATE 42601" in res["msg"] and "rolled back" in res["msg"]
+
+
+def test_a_file_of_comments_only_is_recorded_as_applied_as_psql_runs_it(tmp_path, db):
+    db.create()
+    files = {"001_t.sql": "CREATE TABLE t (id int);\n", "002_reserved.sql": "-- reserved for the billing team\n",
+             "003_u.sql": "CREATE TABLE u (id int);\n"}
+    res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations=files, schema="public",
+                                                                expected_tables=None))
+    assert run.rc == 0 and [r[0] for r in db.history("public")] == [1, 2, 3], res
+
+
+def test_a_marker_under_a_block_comment_header_runs_the_file_outside_a_transaction(tmp_path, db):
+    db.create()
+    files = {"001_t.sql": "CREATE TABLE t (id int);\n",
+             "002_index.sql": "/*\n * Copyright 2026\n */\n-- pg_migrate:no-transaction\n"
+                              "CREATE INDEX CONCURRENTLY t_id ON t (id);\n"}
+    res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations=files, schema="public",
+                                                                expected_tables=None))
+    assert run.rc == 0 and res["applied"][1]["transactional"] is False, res
+    assert db.query("SELECT to_regclass('public.t_id') IS NOT NULL") == [(True,)]

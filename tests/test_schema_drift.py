@@ -74,6 +74,16 @@ def test_verify_names_each_change_made_by_hand_and_a_deploy_reports_them(tmp_pat
 
 
 @pytest.mark.every_major
+def test_an_invalid_index_is_drift(tmp_path, db):
+    assert play(tmp_path, db).rc == 0
+    db.query("UPDATE pg_index SET indisvalid = false "
+             "WHERE indexrelid = 'stock_monitoring.notifications_dedupe_key_key'::regclass")
+    res = play(tmp_path, db, "verify-db.yml")
+    assert res.rc != 0 and "index notifications_dedupe_key_key: definition differs: " in said(res.output), res.output
+    assert "(dedupe_key) (INVALID) in the database" in said(res.output), res.output
+
+
+@pytest.mark.every_major
 def test_rows_vacuum_a_recreated_index_and_a_column_readded_alike_are_not_drift(tmp_path, db):
     assert play(tmp_path, db).rc == 0
     db.query("INSERT INTO stock_monitoring.watchlists (user_id, name) SELECT 'u' || i, 'w' FROM generate_series(1, 500) i")
