@@ -435,7 +435,14 @@ import time
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-from ansible.module_utils.pg_migrate_plan import MigrationError, first_line, load_migrations, lock_schedule, name_problem
+from ansible.module_utils.pg_migrate_plan import (
+    MigrationError,
+    first_line,
+    load_migrations,
+    lock_schedule,
+    name_problem,
+    seconds,
+)
 from ansible.module_utils.pg_migrate_session import PSYCOPG2_IMPORT_ERROR, Session, psycopg2, watch_controller
 
 DURATION_OPTIONS = ("lock_timeout", "statement_timeout")
@@ -477,15 +484,18 @@ ARGUMENT_SPEC = {
     "findings": {"type": "dict"},
     "migrations_path": {"type": "str"},
 }
-TIMEOUT_RE = re.compile(r"^\d+(us|ms|s|min|h|d)?$")
+TIMEOUT_RE = re.compile(r"^[0-9]+(us|ms|s|min|h|d)?$")
+PG_MAX_MILLISECONDS = 2147483647  # lock_timeout and statement_timeout are int milliseconds
 
 
 def input_problem(params: dict) -> str | None:
     """What is wrong with the options before any connection, in the words of the option."""
     for option in DURATION_OPTIONS:
+        name = params["option_names"].get(option, option)
         if not TIMEOUT_RE.match(params[option]):
-            name = params["option_names"].get(option, option)
             return f"{name}={params[option]!r} is not a PostgreSQL duration such as 5s, 500ms or 15min"
+        if seconds(params[option]) * 1000 > PG_MAX_MILLISECONDS:
+            return f"{name}={params[option]!r} is longer than PostgreSQL takes (at most 2147483647ms, about 24 days)"
     try:
         lock_schedule(params["lock_retries"])
     except ValueError as exc:

@@ -183,6 +183,10 @@ def seconds(duration: str) -> float:
     return float(m.group(1)) * UNIT_SECONDS[m.group(2) or "ms"]
 
 
+MAX_ATTEMPTS = 1000  # a schedule's attempts per file, all entries together
+MAX_TIMEOUT_SECONDS = 3600.0  # an attempt's lock_timeout
+
+
 @dataclass
 class Attempt:
     lock_timeout: str | None  # None: the session's lock_timeout (retries off)
@@ -194,11 +198,13 @@ def lock_schedule(entries: list[dict]) -> list[Attempt]:
     attempts: list[Attempt] = []
     for e in entries:
         times = 1 if e.get("times") is None else e["times"]
-        if times < 1:
-            raise ValueError(f"times is {times} in the entry with lock_timeout {e['lock_timeout']!r}: 1 or more")
+        if not 1 <= times <= MAX_ATTEMPTS - len(attempts):
+            raise ValueError(f"times is {times} in the entry with lock_timeout {e['lock_timeout']!r}: from 1, and at "
+                             f"most {MAX_ATTEMPTS} attempts in all")
+        if not 0 < seconds(e["lock_timeout"]) <= MAX_TIMEOUT_SECONDS:  # 0 would mean: wait forever
+            raise ValueError(f"lock_timeout {e['lock_timeout']!r} in an entry: more than 0 (which PostgreSQL takes as "
+                             "no limit at all) and at most 1h")
         attempts += [Attempt(str(e["lock_timeout"]), seconds(e["sleep"]))] * times
-    for a in attempts:
-        seconds(a.lock_timeout)  # validated here, before anything runs
     return attempts or [Attempt(None, 0.0)]
 
 

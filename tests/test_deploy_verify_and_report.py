@@ -274,6 +274,10 @@ def test_a_module_crash_is_reported_as_one_failure_not_a_template_error(result):
     found = outcome(result, "web1", LOGIN, "stock_monitoring", "deploy", check=False)
     if result:
         assert found["problems"] == ["MODULE FAILURE: See stdout/stderr for the exact error"]
+    else:  # nothing, or no message: never a success
+        assert found["problems"] == ["pg_migrate returned no usable result (it crashed or was killed before it could "
+                                     "report, and nothing it did is known): run again with -vvv to see its output"]
+    assert outcome({"failed": True, "changed": False}, "web1", LOGIN, "s", "verify", check=True)["problems"] != []
     assert found["summary"][0] == "DEPLOY app.stock_monitoring on db:5432 as app"
     # What the module did not say is left out, not shown as "?" or "none".
     assert not [line for line in found["summary"] if "?" in line or line.startswith(("already applied", "tables"))]
@@ -334,3 +338,20 @@ def test_verify_fails_when_the_schema_file_cannot_describe_the_server_and_a_depl
 def test_a_schema_file_that_does_not_exist_is_named_not_ignored(tmp_path, db):
     res = play(tmp_path, db, "verify-db.yml", extra={"stock_monitoring_db_schema_file": str(tmp_path / "nope.json")})
     assert res.rc != 0 and f"The schema file {tmp_path / 'nope.json'} does not exist on the controller" in res.output
+
+
+@pytest.mark.parametrize("retries, words", [
+    ([{"lock_timeout": "20ms", "sleep": "1s", "times": 1000000000000}], "times is 1000000000000"),
+    ([{"lock_timeout": "0", "sleep": "1s", "times": 3}], "lock_timeout '0' in an entry: more than 0"),
+])
+def test_a_lock_schedule_out_of_bounds_is_refused_before_anything_runs(tmp_path, db, retries, words):
+    for playbook in ("deploy-db.yml", "verify-db.yml"):
+        res = play(tmp_path, db, playbook, extra={"stock_monitoring_db_lock_retries": retries})
+        assert res.rc != 0 and f"stock_monitoring_db_lock_retries: {words}" in res.output, res.output
+    assert not db.exists()
+
+
+def test_a_timeout_longer_than_postgresql_takes_is_refused_by_name(tmp_path, db):
+    res = play(tmp_path, db, extra={"stock_monitoring_db_lock_timeout": "30d"})
+    assert res.rc != 0 and "stock_monitoring_db_lock_timeout='30d' is longer than PostgreSQL takes" in res.output
+    assert not db.exists()

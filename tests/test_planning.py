@@ -139,6 +139,16 @@ def test_a_lock_schedule_expands_its_entries_and_no_entry_means_one_attempt():
         pm.lock_schedule([{"lock_timeout": "soon", "sleep": "1s"}])
 
 
+@pytest.mark.parametrize("entry, words", [
+    ({"lock_timeout": "20ms", "sleep": "1s", "times": 10**12}, "at most 1000 attempts"),
+    ({"lock_timeout": "0", "sleep": "1s", "times": 1}, "more than 0"),
+    ({"lock_timeout": "2h", "sleep": "1s", "times": 1}, "at most 1h"),
+])
+def test_a_lock_schedule_is_bounded_before_it_is_expanded(entry, words):
+    with pytest.raises(ValueError, match=words):
+        pm.lock_schedule([entry])
+
+
 def test_a_lock_schedule_refuses_an_entry_of_no_attempt():
     with pytest.raises(ValueError, match="times is 0"):
         pm.lock_schedule([{"lock_timeout": "100ms", "sleep": "1s", "times": 0}])

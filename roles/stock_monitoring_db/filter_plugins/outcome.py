@@ -20,6 +20,10 @@ def outcome(result: dict | None, host: str, login: dict, schema: str, mode: str,
     psycopg2_missing = "missing_library" in result
     # A fresh host has no psycopg2 yet: its plan is the deploy's first step, not a failure.
     failure = "" if psycopg2_missing and run_mode == "plan" else str(result.get("msg", ""))
+    if not failure and not psycopg2_missing and (result.get("failed") or "history_table" not in result):
+        # A crash, a killed module, or no run at all: not a success, whatever else the result lacks.
+        failure = ("pg_migrate returned no usable result (it crashed or was killed before it could report, and "
+                   "nothing it did is known): run again with -vvv to see its output")
     report = {
         "host": host,
         "server": f"{login.get('POSTGRES_HOST', '?')}:{login.get('POSTGRES_PORT', '?')}",
