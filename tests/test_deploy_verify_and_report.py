@@ -294,7 +294,7 @@ def test_a_failed_migration_keeps_what_the_module_knew_in_the_summary():
 
 def test_verify_reports_pending_files_and_drift_and_a_plan_reports_no_problem():
     result = {"pending": [{"name": "024_x.sql"}], "drift": [{"name": "023_y.sql", "kind": "unknown"}],
-              "database_exists": True, "missing_tables": []}
+              "database_exists": True, "missing_tables": [], "history_table": "s.pg_migrate_history"}
     assert outcome(result, "h", LOGIN, "s", "verify", check=True)["problems"] == [
         "pending migrations: 024_x.sql", "drift: 023_y.sql unknown"]
     assert outcome(result, "h", LOGIN, "s", "deploy", check=True)["problems"] == []
@@ -329,6 +329,7 @@ def test_a_history_row_deleted_by_hand_is_not_answered_with_renumber(tmp_path, d
 
 def test_verify_fails_when_the_schema_file_cannot_describe_the_server_and_a_deploy_only_says_so():
     result = {"database_exists": True, "schema_compared": False, "schema_file_unusable": True,
+              "history_table": "s.pg_migrate_history",
               "schema_not_compared": "the schema file describes schema 'other', not 's'"}
     assert outcome(result, "h", LOGIN, "s", "verify", check=True)["problems"] == [
         "schema not compared: the schema file describes schema 'other', not 's'"]
