@@ -48,11 +48,13 @@ SERVER_DOWN_PATTERNS = ("could not connect", "connection refused", "timeout expi
                         "no such file or directory", "the database system is starting up",
                         "the database system is shutting down", "the database system is in recovery mode",
                         "server closed the connection unexpectedly", "connection to server")
-# What a file may leave behind in the session; the next file starts without it, as with `psql -f` per file.
-# (DISCARD ALL would also release the migration lock.)
+# The run's timeouts for the session; the values are the module's options.
+TIMEOUTS = ("set_config('lock_timeout', %(lock_timeout)s, false), "
+            "set_config('statement_timeout', %(statement_timeout)s, false)")
+# What a file may leave behind in the session; the next file starts without it, as with `psql -f` per file,
+# then the run's timeouts again. (DISCARD ALL would also release the migration lock.)
 RESET_SESSION = ("SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; RESET ALL; DEALLOCATE ALL; CLOSE ALL; "
-                 "UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES; SELECT set_config('lock_timeout', %(lock_timeout)s, "
-                 "false), set_config('statement_timeout', %(statement_timeout)s, false)")
+                 "UNLISTEN *; DISCARD TEMP; DISCARD SEQUENCES; SELECT " + TIMEOUTS)
 # One round trip: the managed schema and history table, who owns them, whether the login may trust and
 # use them, and whether the schema already holds tables (a database migrated by hand).
 INSPECT = """
@@ -103,9 +105,6 @@ def classify_connect_error(message: str) -> str:
 
 # The majors pg_migrate supports and is tested on (README, meta/main.yml).
 SUPPORTED_SERVERS = (14, 18)
-# The run's timeouts for the session; the values are the module's options.
-TIMEOUTS = ("set_config('lock_timeout', %(lock_timeout)s, false), "
-            "set_config('statement_timeout', %(statement_timeout)s, false)")
 # How long a second client of a pool may wait for a server connection while ours is idle: longer means the
 # pool keeps ours for us (session pooling) and has no other free.
 POOL_PROBE_WAIT = 1.0
