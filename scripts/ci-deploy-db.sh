@@ -3,6 +3,9 @@
 # deploy-db.yml (inventory/local). Settings come from the environment:
 #   POSTGRES_PASSWORD (required)      INPUT_HOST, INPUT_PORT, INPUT_USER, INPUT_DB, INPUT_CHECK (true: plan)
 #   STOCK_MONITORING_DB_VENV          a virtualenv with requirements.txt (created when it has no ansible)
+# Without it, the venv goes in RUNNER_TEMP, the job's own directory; outside GitHub Actions, in a new private
+# directory (mktemp -d) removed at exit: a predictable path under a shared /tmp could hold another user's
+# bin/ansible-playbook, which would run with POSTGRES_PASSWORD in its environment.
 # The password never reaches a file or a command line: the .env written here holds the other four
 # settings, and the role takes the password from this process's environment. The .env is removed
 # whatever happens.
@@ -10,7 +13,16 @@ set -euo pipefail
 : "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in the env of the step that uses the deploy-db action}"
 project=$(cd "$(dirname "$0")/.." && pwd)
 temp=${RUNNER_TEMP:-${TMPDIR:-/tmp}}
-venv=${STOCK_MONITORING_DB_VENV:-$temp/stock-monitoring-db-venv}
+cleanup=()
+trap 'rm -rf "${cleanup[@]}"' EXIT
+if [ -n "${STOCK_MONITORING_DB_VENV:-}" ]; then
+  venv=$STOCK_MONITORING_DB_VENV
+elif [ -n "${RUNNER_TEMP:-}" ]; then
+  venv=$RUNNER_TEMP/stock-monitoring-db-venv
+else
+  venv=$(mktemp -d "$temp/stock-monitoring-db-venv.XXXXXX")
+  cleanup+=("$venv")
+fi
 
 if [ ! -x "$venv/bin/ansible-playbook" ]; then
   python3 -m venv "$venv"
@@ -30,7 +42,7 @@ port=$(quote postgres-port "${INPUT_PORT:-5432}")
 user=$(quote postgres-user "${INPUT_USER:-postgres}")
 db=$(quote postgres-db "${INPUT_DB:-stock_monitoring}")
 env_file=$(mktemp "$temp/stock-monitoring-db-env.XXXXXX")
-trap 'rm -f "$env_file"' EXIT
+cleanup+=("$env_file")
 printf 'POSTGRES_HOST=%s\nPOSTGRES_PORT=%s\nPOSTGRES_USER=%s\nPOSTGRES_DB=%s\n' "$host" "$port" "$user" "$db" > "$env_file"
 
 args=(-i inventory/local playbooks/deploy-db.yml

@@ -106,3 +106,23 @@ def test_the_deploy_db_action_refuses_a_line_break_in_an_input_before_anything_r
     res = run_action({"postgres-db": "stock\nmonitoring"}, "pw", tmp_path)
     assert res.returncode == 2 and "the postgres-db input holds a line break" in res.stderr, res.stdout + res.stderr
     assert "PLAY" not in res.stdout and sorted(p.name for p in tmp_path.iterdir()) == ["step.sh"]
+
+
+def test_outside_github_actions_the_deploy_db_action_never_runs_a_planted_venv(tmp_path):
+    """Without RUNNER_TEMP, a venv at a predictable path under a shared TMPDIR could be anyone's: another
+    local user plants bin/ansible-playbook there, and it would run with POSTGRES_PASSWORD in its environment."""
+    shared = tmp_path / "tmp"
+    planted = shared / "stock-monitoring-db-venv" / "bin"
+    planted.mkdir(parents=True)
+    marker = tmp_path / "planted-ran"
+    for tool in ("ansible-playbook", "pip", "python"):
+        (planted / tool).write_text(f"#!/bin/sh\nenv > {marker}\n")
+        (planted / tool).chmod(0o755)
+    env = ansible_env({"POSTGRES_PASSWORD": "pw", "TMPDIR": str(shared),
+                       "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)})  # no install: fail fast, offline
+    for name in ("RUNNER_TEMP", "STOCK_MONITORING_DB_VENV", "ANSIBLE_CONFIG", "STOCK_MONITORING_DB_ENV_FILE"):
+        env.pop(name, None)
+    res = subprocess.run(["bash", str(ACTION.parent.parent.parent / "scripts" / "ci-deploy-db.sh")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert res.returncode != 0 and not marker.exists(), res.stdout + res.stderr
+    assert sorted(p.name for p in shared.iterdir()) == ["stock-monitoring-db-venv"]  # its own venv removed
