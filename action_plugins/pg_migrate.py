@@ -28,6 +28,7 @@ at about 0.5 s per MB.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import re
 
@@ -242,6 +243,9 @@ def analyse(name: str, text: str) -> dict:
     return result
 
 
+INTERNAL_OPTIONS = ("findings", "migrations_path", "migrations_sha256")
+
+
 class ActionModule(ActionBase):
     """Read the migrations on the controller, then run the pg_migrate module on the target."""
 
@@ -254,7 +258,7 @@ class ActionModule(ActionBase):
             raise AnsibleActionFail("pg_migrate reads the SQL on the controller with pglast, which is not installed "
                                     "for the Python of ansible-playbook: pip install -r requirements.txt")
         # The internal options are this plugin's to set, never the task's.
-        args = {key: value for key, value in self._task.args.items() if key not in ("findings", "migrations_path")}
+        args = {key: value for key, value in self._task.args.items() if key not in INTERNAL_OPTIONS}
         migrations = args.get("migrations")
         if not isinstance(migrations, dict) or not all(isinstance(text, str) for text in migrations.values()):
             raise AnsibleActionFail("pg_migrate: migrations must be a mapping of file name to SQL text")
@@ -263,8 +267,9 @@ class ActionModule(ActionBase):
             args["findings"] = findings
         else:  # the temporary directory goes with the task (ActionBase.cleanup), whatever happens
             path = self._connection._shell.join_path(self._make_tmp_path(), "pg_migrate-migrations.json")
-            self._transfer_data(path, json.dumps({"migrations": migrations, "findings": findings}))
+            data = json.dumps({"migrations": migrations, "findings": findings}).encode()
+            self._transfer_data(path, data)
             self._fixup_perms2((self._connection._shell.tmpdir, path))
-            args.update(migrations={}, migrations_path=path)
+            args.update(migrations={}, migrations_path=path, migrations_sha256=hashlib.sha256(data).hexdigest())
         result.update(self._execute_module(module_name="pg_migrate", module_args=args, task_vars=task_vars))
         return result

@@ -264,7 +264,13 @@ options:
     description:
       - Internal, set by the pg_migrate action plugin on the controller; do not set it.
       - A file in the target's temporary directory holding O(migrations) and O(findings), used instead
-        of the module's arguments when the migrations are large. It is removed with the task.
+        of the module's arguments when the migrations are large. The module reads it once, removes it, and
+        runs nothing unless it matches O(migrations_sha256).
+    type: str
+  migrations_sha256:
+    description:
+      - Internal, set by the pg_migrate action plugin on the controller; do not set it.
+      - The SHA-256 of the file at O(migrations_path) as the controller wrote it.
     type: str
 attributes:
   check_mode:
@@ -429,7 +435,10 @@ server_version:
   sample: "15.18"
 """
 
+import contextlib
+import hashlib
 import json
+import os
 import re
 import time
 import traceback
@@ -483,6 +492,7 @@ ARGUMENT_SPEC = {
     "verify": {"type": "bool", "default": False},
     "findings": {"type": "dict"},
     "migrations_path": {"type": "str"},
+    "migrations_sha256": {"type": "str"},
 }
 TIMEOUT_RE = re.compile(r"^[0-9]+(us|ms|s|min|h|d)?$")
 PG_MAX_MILLISECONDS = 2147483647  # lock_timeout and statement_timeout are int milliseconds
@@ -509,11 +519,26 @@ def input_problem(params: dict) -> str | None:
 
 
 def read_migrations(params: dict) -> tuple[dict, dict | None]:
-    """The migrations and the action plugin's findings: in the arguments, or in a file when large."""
-    if not params["migrations_path"]:
+    """The migrations and the action plugin's findings: in the arguments, or in a file when large.
+
+    The file is in the target's temporary directory, which may be shared (remote_tmp under /tmp): it is
+    read once, removed, and used only if it is what the controller wrote, so that another local user who
+    swapped it cannot have her SQL run as the database login."""
+    path = params["migrations_path"]
+    if not path:
         return params["migrations"], params["findings"]
-    with open(params["migrations_path"], encoding="utf-8") as prepared:
-        sent = json.load(prepared)
+    try:
+        with open(path, "rb") as prepared:
+            data = prepared.read()
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    if not params["migrations_sha256"] or hashlib.sha256(data).hexdigest() != params["migrations_sha256"]:
+        raise MigrationError(
+            f"The migrations file {path} does not hold what the controller sent (its SHA-256 differs): another "
+            "user of the host's temporary directory may have replaced it. Nothing was run. Set remote_tmp to a "
+            "directory only the deploy user can write (Ansible's default, ~/.ansible/tmp), and run the deploy again")
+    sent = json.loads(data)
     return sent["migrations"], sent["findings"]
 
 
@@ -530,8 +555,12 @@ def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     if psycopg2 is None:
         # Nothing can be compared with the database: name the files, so that a plan can list them.
-        module.fail_json(msg=missing_required_lib("psycopg2"), missing_library="psycopg2",
-                         files=sorted(read_migrations(module.params)[0]), exception=PSYCOPG2_IMPORT_ERROR)
+        try:
+            files = sorted(read_migrations(module.params)[0])
+        except MigrationError as exc:
+            module.fail_json(msg=exc.msg)
+        module.fail_json(msg=missing_required_lib("psycopg2"), missing_library="psycopg2", files=files,
+                         exception=PSYCOPG2_IMPORT_ERROR)
     problem = input_problem(module.params)
     if problem:
         module.fail_json(msg=problem)

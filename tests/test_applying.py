@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from ansible.module_utils import pg_migrate_plan as pm
-from conftest import EXPECTED, MIGRATIONS, ROOT, ansible_env, module_params, read_migrations, run_module
+from conftest import (
+    EXPECTED,
+    MIGRATIONS,
+    ROOT,
+    ansible_env,
+    load_library,
+    module_params,
+    read_migrations,
+    run_module,
+)
 
 
 @pytest.mark.every_major
@@ -241,8 +254,7 @@ def test_password_is_in_no_output_at_vvvv(tmp_path, db, cluster):
 def test_a_large_migration_travels_as_a_temporary_file_and_leaves_nothing_behind(tmp_path, db):
     """Over 1 MiB of SQL goes through a file in the remote temporary directory, not the module's arguments."""
     db.create()
-    rows = "".join(f"INSERT INTO public.big VALUES ({i}, 'row {i}; with a (note)');\n" for i in range(40_000))
-    files = {"001_big.sql": "CREATE TABLE public.big (id int, note text);\n" + rows}
+    files = big_migration("big")
     assert len(files["001_big.sql"]) > 1 << 20
     remote_tmp = tmp_path / "remote-tmp"
     res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations=files, schema="public",
@@ -251,6 +263,56 @@ def test_a_large_migration_travels_as_a_temporary_file_and_leaves_nothing_behind
     assert run.rc == 0 and res["applied"][0]["name"] == "001_big.sql", run.output
     assert db.query("SELECT count(*) FROM public.big")[0][0] == 40_000
     assert not [p for p in remote_tmp.rglob("*") if p.is_file()]
+
+
+def big_migration(table: str) -> dict[str, str]:
+    rows = "".join(f"INSERT INTO public.{table} VALUES ({i}, 'row {i}; with a (note)');\n" for i in range(40_000))
+    return {"001_big.sql": f"CREATE TABLE public.{table} (id int, note text);\n" + rows}
+
+
+def test_a_large_migration_file_swapped_on_the_target_is_refused_and_never_runs(tmp_path, db):
+    """A shared remote_tmp (under /tmp, as where homes are on NFS): another local user replaces the task's
+    file between its transfer and the module reading it. Her SQL must never run as the database login."""
+    db.create()
+    remote_tmp = tmp_path / "shared-tmp"
+    remote_tmp.mkdir()
+    payload = json.dumps({"migrations": {"001_big.sql": "CREATE TABLE public.pwned (id int);\n"}, "findings": {}})
+    stop, swapped = threading.Event(), []
+
+    def attacker() -> None:
+        while not stop.is_set():
+            for found in remote_tmp.rglob("pg_migrate-migrations.json"):
+                planted = found.with_name(".planted")
+                with contextlib.suppress(OSError):
+                    planted.write_text(payload)
+                    os.replace(planted, found)
+                    swapped.append(found)
+                    return
+
+    thread = threading.Thread(target=attacker, daemon=True)
+    thread.start()
+    try:
+        res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations=big_migration("big"), schema="public",
+                                                                    expected_tables=None),
+                              env={"ANSIBLE_REMOTE_TMP": str(remote_tmp)})
+    finally:
+        stop.set()
+        thread.join()
+    assert swapped, "the attacker never saw the file: the test proves nothing"
+    assert "pwned" not in db.tables(schema="public"), run.output
+    if run.rc != 0:  # she won the race: refused before anything ran, nothing recorded
+        assert "does not hold what the controller sent" in res["msg"], res
+        assert not db.query("SELECT to_regclass('public.big')")[0][0]
+    assert not [p for p in remote_tmp.rglob("*") if p.is_file()]
+
+
+def test_a_large_migration_file_that_differs_from_its_digest_is_refused_and_removed(tmp_path):
+    sent = tmp_path / "pg_migrate-migrations.json"
+    sent.write_text(json.dumps({"migrations": {"001_x.sql": "CREATE TABLE public.pwned (id int);\n"}, "findings": {}}))
+    params = {"migrations_path": str(sent), "migrations_sha256": hashlib.sha256(b"what the controller sent").hexdigest()}
+    with pytest.raises(pm.MigrationError, match="does not hold what the controller sent"):
+        load_library("pg_migrate").read_migrations(params)
+    assert not sent.exists()
 
 
 def test_a_history_table_from_before_attempts_were_recorded_gets_the_column(tmp_path, db):
