@@ -239,8 +239,21 @@ def analyse(name: str, text: str) -> dict:
                              "(PostgreSQL's scanner) before anything runs: fix it")
         return result
     if not slices or not transactional:  # comments only: nothing to send, a no-op recorded as applied (as psql)
-        result["statements"] = [[piece.start, piece.stop, lines.at(piece.start)] for piece in slices]
+        result["statements"] = [[piece.start, piece.stop, lines.at(piece.start), run_once(text[piece])]
+                                for piece in slices]
     return result
+
+
+def run_once(stmt: str) -> str | None:
+    """Why a statement of a no-transaction file must not be run again after it lost a lock race, if so:
+    a CONCURRENTLY index build or drop leaves an INVALID index behind; a DO block or a CALL may have
+    committed part of its work (COMMIT inside), which running it again would repeat."""
+    words = [t.name for t in pg_parser.scan(stmt) if t.name not in ("SQL_COMMENT", "C_COMMENT")][:6]
+    if words[:1] in (["DO"], ["CALL"]):
+        return "may_commit"
+    if words[:1] in (["CREATE"], ["DROP"], ["REINDEX"]) and "CONCURRENTLY" in words:
+        return "concurrently"
+    return None
 
 
 INTERNAL_OPTIONS = ("findings", "migrations_path", "migrations_sha256")

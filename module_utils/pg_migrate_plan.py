@@ -48,7 +48,9 @@ class Migration:
     text: str  # without a leading BOM: the offsets of `statements` and of server errors refer to it
     checksum: str
     transactional: bool
-    statements: list[tuple[int, int, int]] | None  # (start, end, line) of each statement, no-transaction files
+    # (start, end, line, run_once) of each statement of a no-transaction file; run_once says why a statement is
+    # never retried after a lost lock race: 'concurrently' (an invalid index stays) or 'may_commit' (DO, CALL)
+    statements: list[tuple[int, int, int, str | None]] | None
     problem: str | None  # why the file cannot run, raised when it is pending
 
     def check_runnable(self) -> None:

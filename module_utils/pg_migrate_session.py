@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import select
 import signal
 import socket
@@ -154,8 +153,6 @@ def shares_server(conn: psycopg2.extensions.connection, connect: Callable[[], ps
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-# CREATE INDEX / REINDEX ... CONCURRENTLY: a failure leaves an invalid index, so such a statement is not retried.
-CONCURRENTLY = re.compile(r"\bCONCURRENTLY\b", re.IGNORECASE)
 
 
 T = TypeVar("T")
@@ -655,8 +652,8 @@ class Session:
                         raise LockRace from None
                     raise self.statement_error(mig, exc, 0, None, attempt, step.lock_timeout) from None
                 return attempt
-            attempts = max((self.run_statement(cur, mig, index, start, end)
-                            for index, (start, end, _line) in enumerate(mig.statements, 1)), default=1)
+            attempts = max((self.run_statement(cur, mig, index, start, end, once)
+                            for index, (start, end, _line, once) in enumerate(mig.statements, 1)), default=1)
             self.refuse_invalid_indexes(mig)
             return attempts
 
@@ -675,10 +672,12 @@ class Session:
                 "fix what made the build fail, and run the deploy again", failed_migration=mig.name,
                 invalid_indexes=invalid)
 
-    def run_statement(self, cur: psycopg2.extensions.cursor, mig: Migration, index: int, start: int, end: int) -> int:
+    def run_statement(self, cur: psycopg2.extensions.cursor, mig: Migration, index: int, start: int, end: int,
+                      once: str | None) -> int:
         """One statement of a no-transaction file, its own transaction: when it loses a lock race, nothing of it
-        stayed, so it alone is retried by the schedule. Not a CONCURRENTLY statement, which leaves an invalid
-        index behind when it fails: it runs once, under the session's lock_timeout."""
+        stayed, so it alone is retried by the schedule. Not a statement the action plugin marked `once` (a
+        CONCURRENTLY build leaves an invalid index; a DO block or CALL may have committed): it runs once, under
+        the session's lock_timeout."""
         text = mig.text[start:end]
 
         def attempt_once(attempt: int, step: Attempt, last: bool) -> int:
@@ -690,13 +689,18 @@ class Session:
             except psycopg2.Error as exc:
                 if exc.pgcode in LOCK_CONFLICTS and not last:
                     raise LockRace from None
-                raise self.statement_error(mig, exc, start, index, attempt, step.lock_timeout) from None
+                error = self.statement_error(mig, exc, start, index, attempt, step.lock_timeout)
+                if once == "may_commit" and exc.pgcode in LOCK_CONFLICTS:
+                    error.msg += (" This statement (a DO block or a CALL) may have committed part of its work, so it "
+                                  f"was not retried ({self.named('lock_retries')}): check what it left, and make it "
+                                  "safe to run again before the next deploy")
+                raise error from None
             finally:
                 if step.lock_timeout:
                     with contextlib.suppress(psycopg2.Error):  # the connection may have died with the statement
                         cur.execute("SELECT set_config('lock_timeout', %s, false)", (self.p["lock_timeout"],))
 
-        return with_lock_retries([Attempt(None, 0.0)] if CONCURRENTLY.search(text) else self.schedule, attempt_once)
+        return with_lock_retries([Attempt(None, 0.0)] if once else self.schedule, attempt_once)
 
     def apply(self, mig: Migration, create_history: bool, adopting: bool) -> dict:
         """Run one file from the session's defaults, then record it; a transactional file and its row commit together.

@@ -356,6 +356,33 @@ def test_in_a_no_transaction_file_the_blocked_statement_alone_is_retried(tmp_pat
     assert db.query("SELECT attempts FROM stock_monitoring.pg_migrate_history WHERE version = 24")[0][0] > 1
 
 
+ONCE_MORE = "INSERT INTO stock_monitoring.watchlists (user_id, name) VALUES ('u1', 'once ' || clock_timestamp())"
+BLOCKED = "ALTER TABLE stock_monitoring.alerts ADD COLUMN note text"
+
+
+@pytest.mark.every_major
+@pytest.mark.parametrize("statement", [
+    f"DO $$BEGIN {ONCE_MORE}; COMMIT;\n  {BLOCKED}; END$$;\n",
+    f"CREATE PROCEDURE stock_monitoring.step() LANGUAGE plpgsql AS $$BEGIN {ONCE_MORE}; COMMIT; {BLOCKED}; END$$;\n"
+    "/* the step */ CALL stock_monitoring.step();\n",
+], ids=["DO", "CALL"])
+def test_a_statement_that_may_have_committed_is_never_retried_and_is_named(tmp_path, db, statement):
+    """A DO block or a procedure may COMMIT part of its work before it loses a lock race: running it again
+    would repeat what it committed. It runs once, and the failure says so."""
+    assert play(tmp_path, db).rc == 0
+    report = Report(db)
+    try:
+        res = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(write_migrations(
+            tmp_path / "m", {"024_commits.sql": "-- pg_migrate:no-transaction\n" + statement}, with_real=True)),
+            "stock_monitoring_db_lock_retries": [{"lock_timeout": "50ms", "sleep": "100ms", "times": 4}]})
+    finally:
+        report.end()
+    assert res.rc != 0, res.output
+    assert db.query("SELECT count(*) FROM stock_monitoring.watchlists WHERE left(name, 5) = 'once '")[0][0] == 1
+    assert "may have committed part of its work, so it was not retried" in res.output, res.output
+    assert [r[0] for r in db.history()] == [22, 23]
+
+
 @pytest.mark.every_major
 def test_a_deadlock_victim_is_rolled_back_and_retried(tmp_path, db):
     assert play(tmp_path, db).rc == 0
