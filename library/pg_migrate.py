@@ -414,9 +414,15 @@ schema_differences:
   elements: str
   sample: ["alerts.bars_hotfix: column not in the schema file", "index alerts_user_id_idx: missing"]
 schema_not_compared:
-  description: Why the schema was not compared (the database does not have exactly the file's migrations).
+  description:
+    - Why the schema was not compared - the database does not have exactly the file's migrations, or a
+      session holds one of its tables in ACCESS EXCLUSIVE mode, which reading a definition waits for.
   returned: when the schema was not compared
   type: str
+schema_compare_blocked:
+  description: Whether the comparison was not made because a table was locked (see RV(schema_not_compared)).
+  returned: when a locked table stopped the comparison
+  type: bool
 missing_library:
   description: C(psycopg2) when the target's Python lacks it; the run then failed before connecting.
   returned: when psycopg2 is missing

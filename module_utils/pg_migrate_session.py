@@ -548,6 +548,19 @@ class Session:
             f"pid {pid} (user {user}, application {app!r}, {state}, {mode} on {rel}, transaction open {age} s)"
             for pid, user, app, state, mode, rel, age in rows)
 
+    def exclusive_lock_holders(self) -> str:
+        """Who holds a table of the managed schema in ACCESS EXCLUSIVE mode, which even reading its definition waits for."""
+        rows = self.query(
+            "SELECT c.relname, a.pid, a.usename, a.application_name, a.state, "
+            "coalesce(round(extract(epoch FROM now() - a.xact_start))::text, '?') "
+            "FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.granted AND l.mode = 'AccessExclusiveLock' "
+            "AND l.pid <> pg_backend_pid() AND n.nspname = %s ORDER BY 1, 2", (self.schema,))
+        if not rows:
+            return "a table was locked while its definition was read (the holder has released it since)"
+        return "; ".join(f"table {rel} is locked by pid {pid} (user {user}, application {app!r}, {state}, "
+                         f"transaction open {age} s)" for rel, pid, user, app, state, age in rows)
+
     # The database ----------------------------------------------------------------------------------
     def no_createdb(self) -> MigrationError:
         user, name = self.p["login_user"], self.p["login_db"]
@@ -841,16 +854,23 @@ class Session:
                     raise
                 self.to_run.append(mig)
                 result["changed"] = True
-        if self.p["expected_tables"] is not None:
-            actual = self.tables()
-            expected = set(self.p["expected_tables"])
-            result.update(tables=actual, missing_tables=sorted(expected - set(actual)),
-                          unexpected_tables=sorted(set(actual) - expected))
-        if self.p["expected_schema"] is not None:
-            after = {row["name"]: row["checksum"] for row in history.values()}
-            after.update({a["name"]: a["new_checksum"] for a in plan.accepted})
-            after.update({a["name"]: a["checksum"] for a in result["applied"]})
-            result.update(self.compare_schema(after))
+        try:
+            if self.p["expected_tables"] is not None:
+                actual = self.tables()
+                expected = set(self.p["expected_tables"])
+                result.update(tables=actual, missing_tables=sorted(expected - set(actual)),
+                              unexpected_tables=sorted(set(actual) - expected))
+            if self.p["expected_schema"] is not None:
+                after = {row["name"]: row["checksum"] for row in history.values()}
+                after.update({a["name"]: a["new_checksum"] for a in plan.accepted})
+                after.update({a["name"]: a["checksum"] for a in result["applied"]})
+                result.update(self.compare_schema(after))
+        except psycopg2.Error as exc:  # what was applied stays applied, and is reported as such
+            raise MigrationError(
+                f"Reading the schema of database {self.p['login_db']!r} on {self.where} failed after the migrations: "
+                f"SQLSTATE {exc.pgcode}: {first_line(str(exc))}. "
+                + (f"{len(result['applied'])} applied and recorded; " if result["applied"] else "")
+                + "run verify to compare the schema", applied=result["applied"], pending=[]) from None
         return result
 
     def compare_schema(self, applied: dict[str, str]) -> dict:
@@ -863,7 +883,17 @@ class Session:
         if unusable or reason:
             return {"schema_compared": False, "schema_not_compared": unusable or reason,
                     "schema_file_unusable": bool(unusable), "schema_differences": []}
-        actual = self.query(SNAPSHOT, {"schema": self.schema, "table": self.table})[0][0]
+        try:
+            actual = self.query(SNAPSHOT, {"schema": self.schema, "table": self.table})[0][0]
+        except psycopg2.Error as exc:
+            # PostgreSQL's deparse functions (pg_get_expr, pg_get_indexdef, ...) take ACCESS SHARE on each table,
+            # which is harmless to the application's queries but waits for a session that holds the table.
+            if exc.pgcode != "55P03":
+                raise
+            held = self.exclusive_lock_holders()
+            return {"schema_compared": False, "schema_compare_blocked": True, "schema_differences": [],
+                    "schema_not_compared": f"{held} (waited lock_timeout, {self.p['lock_timeout']}): run verify "
+                                           "again when it is free"}
         return {"schema_compared": True, "schema_differences": differences(expected.get("objects", {}), actual)}
 
     def server_version(self) -> str:

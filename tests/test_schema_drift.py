@@ -173,3 +173,30 @@ def test_differences_are_worded_per_kind_and_column_order_is_not_one():
     assert differences(file, changed) == [
         "t.id: identity differs: a in the schema file, d in the database", "t.name: column missing",
         "table t: comment differs", "view v: not in the schema file", "sequence t_id_seq: missing"]
+
+
+def test_a_table_held_by_maintenance_neither_hides_what_was_applied_nor_passes_verify(tmp_path, db):
+    """The comparison reads definitions with PostgreSQL's deparse functions, which take ACCESS SHARE on each
+    table: with one held (VACUUM FULL, a long ALTER), the deploy still reports what it applied, and says it
+    could not compare and who holds the table; verify, whose job the comparison is, fails saying so."""
+    only_022 = write_migrations(tmp_path / "m", {}, with_real=True)
+    (only_022 / "023_stock_monitoring_notifications.sql").unlink()
+    assert play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(only_022),
+                                     "stock_monitoring_db_expected_tables": ["alerts", "audit_log", "watchlist_items",
+                                                                             "watchlists"]}).rc == 0
+    holder = db.connect(autocommit=False)
+    holder.cursor().execute("SET application_name = 'maintenance'; "
+                            "LOCK TABLE stock_monitoring.audit_log IN ACCESS EXCLUSIVE MODE")
+    pid = holder.get_backend_pid()
+    try:
+        res = play(tmp_path, db)
+        out = said(res.output)
+        assert res.rc == 0 and "applied: 023_stock_monitoring_notifications.sql" in out, res.output
+        assert "schema: not compared: table audit_log is locked" in out and f"pid {pid}" in out, res.output
+        assert [r[0] for r in db.history()] == [22, 23]
+        res = play(tmp_path, db, "verify-db.yml")
+        out = said(res.output)
+        assert res.rc != 0 and "schema not compared: table audit_log is locked" in out and f"pid {pid}" in out, out
+    finally:
+        holder.close()
+    assert play(tmp_path, db, "verify-db.yml").rc == 0

@@ -50,6 +50,7 @@ def outcome(result: dict | None, host: str, login: dict, schema: str, mode: str,
         "schema_differences": list(result.get("schema_differences", [])),
         "schema_not_compared": result.get("schema_not_compared", ""),
         "schema_file_unusable": bool(result.get("schema_file_unusable", False)),
+        "schema_compare_blocked": bool(result.get("schema_compare_blocked", False)),
         "history_table": result.get("history_table", ""),
         "server_version": result.get("server_version", ""),
         "duration_ms": result.get("duration_ms", 0),
@@ -126,6 +127,8 @@ def problems(report: dict, drift_fails: bool = False) -> list[str]:
     if report["drift"] and report["mode"] == "verify":
         found.append(f"drift: {drift_text(report['drift'])}")
     if report["schema_file_unusable"] and report["mode"] == "verify":
+        found.append(f"schema not compared: {report['schema_not_compared']}")
+    elif report["schema_compare_blocked"] and (report["mode"] == "verify" or drift_fails):
         found.append(f"schema not compared: {report['schema_not_compared']}")
     if report["schema_differences"] and (report["mode"] == "verify" or drift_fails):
         found.append(f"schema differs from the schema file: {'; '.join(report['schema_differences'])}")
