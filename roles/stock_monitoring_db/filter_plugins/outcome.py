@@ -126,9 +126,9 @@ def problems(report: dict, drift_fails: bool = False) -> list[str]:
         found.append(f"missing tables: {', '.join(report['missing_tables'])}")
     if report["drift"] and report["mode"] == "verify":
         found.append(f"drift: {drift_text(report['drift'])}")
-    if report["schema_file_unusable"] and report["mode"] == "verify":
-        found.append(f"schema not compared: {report['schema_not_compared']}")
-    elif report["schema_compare_blocked"] and (report["mode"] == "verify" or drift_fails):
+    # An unusable schema file fails verify; a locked table fails whatever must compare (verify, drift_fails).
+    strict = report["mode"] == "verify" or (drift_fails and report["schema_compare_blocked"])
+    if (report["schema_file_unusable"] or report["schema_compare_blocked"]) and strict:
         found.append(f"schema not compared: {report['schema_not_compared']}")
     if report["schema_differences"] and (report["mode"] == "verify" or drift_fails):
         found.append(f"schema differs from the schema file: {'; '.join(report['schema_differences'])}")
