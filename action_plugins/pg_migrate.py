@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import os
 import re
 
 from ansible.errors import AnsibleActionFail
@@ -256,7 +257,7 @@ def run_once(stmt: str) -> str | None:
     return None
 
 
-INTERNAL_OPTIONS = ("findings", "migrations_path", "migrations_sha256")
+INTERNAL_OPTIONS = ("findings", "migrations_path", "migrations_sha256", "controller_pid")
 
 
 class ActionModule(ActionBase):
@@ -284,5 +285,7 @@ class ActionModule(ActionBase):
             self._transfer_data(path, data)
             self._fixup_perms2((self._connection._shell.tmpdir, path))
             args.update(migrations={}, migrations_path=path, migrations_sha256=hashlib.sha256(data).hexdigest())
+        if self._connection.transport == "local":  # the module watches this process (see controller_chain)
+            args["controller_pid"] = os.getpid()
         result.update(self._execute_module(module_name="pg_migrate", module_args=args, task_vars=task_vars))
         return result

@@ -272,6 +272,12 @@ options:
       - Internal, set by the pg_migrate action plugin on the controller; do not set it.
       - The SHA-256 of the file at O(migrations_path) as the controller wrote it.
     type: str
+  controller_pid:
+    description:
+      - Internal, set by the pg_migrate action plugin on the controller; do not set it.
+      - On a local connection, the process id of the ansible-playbook worker running the task. When it or
+        ansible-playbook ends, the module cancels its statement and exits.
+    type: int
 attributes:
   check_mode:
     description: Can run in check mode and return a changed status prediction without modifying the target.
@@ -499,6 +505,7 @@ ARGUMENT_SPEC = {
     "findings": {"type": "dict"},
     "migrations_path": {"type": "str"},
     "migrations_sha256": {"type": "str"},
+    "controller_pid": {"type": "int"},
 }
 TIMEOUT_RE = re.compile(r"^[0-9]+(us|ms|s|min|h|d)?$")
 PG_MAX_MILLISECONDS = 2147483647  # lock_timeout and statement_timeout are int milliseconds
@@ -572,7 +579,7 @@ def main() -> None:
         module.fail_json(msg=problem)
     began = time.monotonic()
     session = Session(module.params, module.check_mode, module.warn)
-    watch_controller(lambda: session.conn)
+    watch_controller(lambda: session.conn, module.params["controller_pid"])
     try:
         migrations = load_migrations(*read_migrations(module.params))
         result = session.run(migrations)

@@ -47,9 +47,18 @@ SERVER_DOWN_PATTERNS = ("could not connect", "connection refused", "timeout expi
                         "no such file or directory", "the database system is starting up",
                         "the database system is shutting down", "the database system is in recovery mode",
                         "server closed the connection unexpectedly", "connection to server")
-# The run's timeouts for the session; the values are the module's options.
+# How the server finds out that the module is gone (SIGKILL, the OOM killer, a dead network) while a statement
+# runs, instead of holding its locks until statement_timeout: it checks the client's socket every 2 s during a
+# statement (PostgreSQL 14+), and TCP keepalives find a peer that stopped answering.
+GUARDS = {"client_connection_check_interval": "2s", "tcp_keepalives_idle": "30", "tcp_keepalives_interval": "10",
+          "tcp_keepalives_count": "3"}
+# The client's side of the same: keepalives, and unacknowledged data abandoned after 60 s.
+CLIENT_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+                     "tcp_user_timeout": 60000}
+# The run's timeouts and guards for the session; the timeouts' values are the module's options.
 TIMEOUTS = ("set_config('lock_timeout', %(lock_timeout)s, false), "
-            "set_config('statement_timeout', %(statement_timeout)s, false)")
+            "set_config('statement_timeout', %(statement_timeout)s, false), "
+            + ", ".join(f"set_config('{name}', '{value}', false)" for name, value in GUARDS.items()))
 # What a file may leave behind in the session; the next file starts without it, as with `psql -f` per file,
 # then the run's timeouts again. (DISCARD ALL would also release the migration lock.)
 RESET_SESSION = ("SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; RESET ALL; DEALLOCATE ALL; CLOSE ALL; "
@@ -184,29 +193,27 @@ def parent_of(pid: int) -> int | None:
         return None
 
 
-def controller_chain() -> list[tuple[int, int]]:
-    """(pid, parent) of our process and of our ancestors up to the topmost ansible one, the controller.
+def controller_chain(controller: int | None) -> list[tuple[int, int]]:
+    """(pid, parent) of our process and of each ancestor up to `controller`, the ansible-playbook worker that
+    runs this task on a local connection (the action plugin sends its pid): a new parent anywhere on that
+    chain means a process between us and ansible-playbook died, the worker's parent ansible-playbook itself
+    included. The worker outlives a killed ansible-playbook and keeps reading our stdout, so the pipe alone
+    does not tell there. Over SSH the controller is on another machine: no chain, the pipe tells.
 
-    Locally, ansible-playbook's worker keeps reading our stdout after the main process is killed, so
-    the pipe alone does not tell; over SSH no ancestor is ansible, and the pipe does.
+    Nothing here depends on process names or on what is above ansible-playbook (nohup, a shell that exits).
     """
+    if not controller:
+        return []
     chain, pid = [], os.getpid()
-    for _ in range(12):
+    for _ in range(16):
         parent = parent_of(pid)
         if parent is None or parent <= 1:
-            break
+            return []
         chain.append((pid, parent))
+        if pid == controller:
+            return chain
         pid = parent
-    ansible = [i for i, (pid, _) in enumerate(chain) if is_ansible(pid)]
-    return chain[:ansible[-1] + 1] if ansible else chain[:1]
-
-
-def is_ansible(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            return b"ansible" in cmdline.read()
-    except OSError:
-        return False
+    return []  # not our ancestor: another process namespace (a container), become through a daemon
 
 
 def controller_gone(fd: int, chain: list[tuple[int, int]]) -> bool:
@@ -216,14 +223,14 @@ def controller_gone(fd: int, chain: list[tuple[int, int]]) -> bool:
     return bool(poller.poll(0)) or any(parent_of(pid) != parent for pid, parent in chain)
 
 
-def watch_controller(conn_of: Callable[[], object], interval: float = 0.5) -> None:
+def watch_controller(conn_of: Callable[[], object], controller: int | None, interval: float = 0.5) -> None:
     """Cancel the running statement and exit when the controller goes away, so no lock outlives it.
 
     Without this, ansible-playbook exits on Ctrl-C while the module's server session runs on to the end
     of its statement, holding the migration lock and the table locks. Cancelling rolls the file back;
     exiting closes the connection, which ends the session and releases the migration lock.
     """
-    fd, chain = sys.stdout.fileno(), controller_chain()
+    fd, chain = sys.stdout.fileno(), controller_chain(controller)
 
     def cancel_and_exit() -> None:
         conn = conn_of()
@@ -283,9 +290,10 @@ class Session:
                   "dbname": dbname, "connect_timeout": self.p["connect_timeout"], "sslmode": self.p["ssl_mode"],
                   "application_name": self.p["application_name"],
                   "target_session_attrs": "read-write" if writable else "any"}
+        kwargs.update(CLIENT_KEEPALIVES)
         if self.startup_options:
-            kwargs["options"] = (f"-c lock_timeout={self.p['lock_timeout']} "
-                                 f"-c statement_timeout={self.p['statement_timeout']}")
+            settings = {"lock_timeout": self.p["lock_timeout"], "statement_timeout": self.p["statement_timeout"], **GUARDS}
+            kwargs["options"] = " ".join(f"-c {name}={value}" for name, value in settings.items())
         if on:
             kwargs.update(host=on[0], port=on[1])
         if self.p["login_password"]:

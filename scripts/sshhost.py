@@ -23,10 +23,10 @@ class SshHost:
     """This machine as a deploy host reached over real SSH: an sshd of the tests' own on a free
     127.0.0.1 port, key-only login as the non-root user smdb-deploy, its host key pinned."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path, user: str = DEPLOY_USER) -> None:
+        self.root, self.user = root, user
         self.port = free_port()
-        home = Path(pwd.getpwnam(DEPLOY_USER).pw_dir)
+        home = Path(pwd.getpwnam(user).pw_dir)
         self.env_file = home / "stock-monitoring" / ".env"
         for name, kind in (("client_key", "ed25519"), ("host_key", "ed25519"), ("host_key_ecdsa", "ecdsa")):
             subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(root / name)], check=True)
@@ -35,21 +35,19 @@ class SshHost:
         (ssh_dir / "authorized_keys").write_text((root / "client_key.pub").read_text())
         self.env_file.parent.mkdir(mode=0o700, exist_ok=True)
         for path in (ssh_dir, ssh_dir / "authorized_keys", self.env_file.parent):
-            shutil.chown(path, DEPLOY_USER, DEPLOY_USER)
+            shutil.chown(path, user, user)
         (root / "sshd_config").write_text(
             f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_key'}\nHostKey {root / 'host_key_ecdsa'}\n"
             f"PidFile {root / 'sshd.pid'}\n"
-            f"AllowUsers {DEPLOY_USER}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+            f"AllowUsers {user}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
             "PermitRootLogin no\n")
         # Only one of its two host keys is pinned, as in a known_hosts secret that lists one.
         self.known_hosts_line = f"[127.0.0.1]:{self.port} {(root / 'host_key.pub').read_text()}"
         (root / "known_hosts").write_text(self.known_hosts_line)
-        Path("/run/sshd").mkdir(exist_ok=True)
-        self.sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(root / "sshd_config"), "-E",
-                                      str(root / "sshd.log")])
+        self.sshd = self.start_sshd()
         self.inventory = root / "hosts.yml"
         self.inventory.write_text(json.dumps({"stock_monitoring_db": {"hosts": {"deploy-host": {
-            "ansible_host": "127.0.0.1", "ansible_port": self.port, "ansible_user": DEPLOY_USER,
+            "ansible_host": "127.0.0.1", "ansible_port": self.port, "ansible_user": user,
             "ansible_ssh_private_key_file": str(root / "client_key"),
             "ansible_ssh_common_args": f"-o UserKnownHostsFile={root / 'known_hosts'} -o StrictHostKeyChecking=yes "
                                        f"-o ControlPath={root}/cp-%C",
@@ -61,6 +59,22 @@ class SshHost:
                 raise RuntimeError(f"sshd did not listen on 127.0.0.1:{self.port}: see {root / 'sshd.log'}")
             time.sleep(0.05)
 
+    def start_sshd(self) -> subprocess.Popen:
+        Path("/run/sshd").mkdir(exist_ok=True)
+        return subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(self.root / "sshd_config"), "-E",
+                                 str(self.root / "sshd.log")])
+
+    def restart(self) -> None:
+        """Restart the listening sshd, as a package upgrade does: the sessions it started go on."""
+        self.sshd.terminate()
+        self.sshd.wait(10)
+        self.sshd = self.start_sshd()
+        deadline = time.monotonic() + 10
+        while not self.listening():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sshd did not listen again on 127.0.0.1:{self.port}")
+            time.sleep(0.05)
+
     def listening(self) -> bool:
         with socket.socket() as sock:
             return sock.connect_ex(("127.0.0.1", self.port)) == 0
@@ -69,7 +83,7 @@ class SshHost:
         """The backend's .env on the deploy host, readable by the deploy user only."""
         self.env_file.write_text(text)
         os.chmod(self.env_file, 0o600)
-        shutil.chown(self.env_file, DEPLOY_USER, DEPLOY_USER)
+        shutil.chown(self.env_file, self.user, self.user)
 
     def stop(self) -> None:
         self.sshd.terminate()
@@ -79,13 +93,13 @@ class SshHost:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start(prefix: str) -> SshHost:
+def start(prefix: str, user: str = DEPLOY_USER) -> SshHost:
     """Create the deploy user when missing, then start an SshHost in a new temporary directory."""
     try:
-        pwd.getpwnam(DEPLOY_USER)
+        pwd.getpwnam(user)
     except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", DEPLOY_USER], check=True)
-        subprocess.run(["usermod", "-p", "*", DEPLOY_USER], check=True)  # no password, but not locked
-    return SshHost(Path(tempfile.mkdtemp(prefix=prefix)))
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", user], check=True)
+        subprocess.run(["usermod", "-p", "*", user], check=True)  # no password, but not locked
+    return SshHost(Path(tempfile.mkdtemp(prefix=prefix)), user)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -12,14 +13,17 @@ import uuid
 from pathlib import Path
 
 import pytest
+import sshhost
 from conftest import (
     EXPECTED,
     LOCAL,
     ROOT,
+    ansible_env,
     env_text,
     finish,
     module_params,
     play,
+    playbook_command,
     run_module,
     run_playbook,
     start_playbook,
@@ -197,3 +201,76 @@ def test_a_local_run_writes_no_module_with_the_password_to_disk(tmp_path, db):
     leftovers = [p for p in remote_tmp.rglob("*") if p.is_file()] if remote_tmp.exists() else []
     assert not [p for p in leftovers if db.cluster.password.encode() in p.read_bytes()], leftovers
     wait_for(lambda: not running_slow(db), "the migration's session to end", 10)
+
+
+STEADY = {"024_steady.sql": "CREATE TABLE stock_monitoring.steady (id int);\nSELECT pg_sleep(6);\n"}
+
+
+def running_steady(db) -> bool:
+    return bool(db.query("SELECT 1 FROM pg_stat_activity WHERE application_name = %s AND query LIKE %s",
+                         (APP, "%pg_sleep(6)%"), dbname="postgres"))
+
+
+def test_a_deploy_started_with_nohup_outlives_the_shell_that_launched_it(tmp_path, db):
+    """`nohup ansible-playbook ... &`, then the shell exits: the controller is still there, and so is the deploy."""
+    db.create()
+    assert play(tmp_path, db).rc == 0
+    log = tmp_path / "deploy.log"
+    command = " ".join(shlex.quote(part) for part in playbook_command(
+        ROOT / "playbooks" / "deploy-db.yml", LOCAL,
+        {"stock_monitoring_db_migrations_dir": str(write_migrations(tmp_path / "m", STEADY, with_real=True))}))
+    shell = subprocess.Popen(["bash", "-c", f"nohup {command} > {shlex.quote(str(log))} 2>&1 & echo $!; read _"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                             env=ansible_env({"STOCK_MONITORING_DB_ENV_FILE": str(tmp_path / ".env")}))
+    deploy = int(shell.stdout.readline())
+    wait_for(lambda: running_steady(db), "the migration to run", 60)
+    shell.kill()  # the launching shell goes away; the deploy is re-parented
+    shell.wait(10)
+    wait_for(lambda: not Path(f"/proc/{deploy}").exists(), "the deploy to end", 60)
+    assert [r[0] for r in db.history()] == [22, 23, 24], log.read_text()
+    assert "applied: 024_steady.sql" in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def ssh_host_named_ansible():
+    """A deploy user literally named `ansible`: its sshd processes are `sshd: ansible [priv]`."""
+    if os.geteuid() != 0:
+        pytest.skip("the SSH tests create the deploy user and run sshd: run them as root (CI does)")
+    host = sshhost.start("smdb-test-ssh-ansible-", user="ansible")
+    yield host
+    host.stop()
+
+
+def test_an_sshd_restart_does_not_cancel_a_deploy_by_a_user_named_ansible(tmp_path, db, ssh_host_named_ansible):
+    host = ssh_host_named_ansible
+    db.create()
+    host.write_env(env_text(db))
+    proc = start_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=host.inventory,
+                          extra_vars={"stock_monitoring_db_migrations_dir": str(write_migrations(
+                              tmp_path / "m", STEADY, with_real=True))})
+    wait_for(lambda: running_steady(db), "the migration to run", 60)
+    host.restart()  # as an openssh upgrade does: the running sessions stay
+    res = finish(proc, 60)
+    assert res.rc == 0 and "applied: 022_stock_monitoring_schema.sql" in res.output, res.output
+    assert [r[0] for r in db.history()] == [22, 23, 24]
+
+
+def test_a_module_killed_with_sigkill_leaves_no_statement_or_lock_behind(tmp_path, db):
+    """The OOM killer, `timeout -s KILL`, a runner killing a process tree: the module cannot act, so the
+    server must notice its client is gone (client_connection_check_interval) and end the statement."""
+    db.create()
+    assert play(tmp_path, db).rc == 0
+    proc = start_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=LOCAL,
+                          extra_vars={"stock_monitoring_db_migrations_dir": str(write_migrations(
+                              tmp_path / "m", SLOW, with_real=True))},
+                          env={"STOCK_MONITORING_DB_ENV_FILE": str(tmp_path / ".env")})
+    wait_for(lambda: running_slow(db), "the migration to run", 60)
+    os.kill(module_process(proc.pid), signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: not running_slow(db), "the migration's session to end", 15)
+    assert time.monotonic() - killed < 5
+    res = finish(proc, 60)
+    assert res.rc != 0 and [r[0] for r in db.history()] == [22, 23]
+    conn = db.connect()
+    conn.cursor().execute("SET lock_timeout = '2s'; SELECT count(*) FROM stock_monitoring.alerts")
+    conn.close()
