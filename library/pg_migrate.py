@@ -91,7 +91,11 @@ options:
     description: CA certificate file for O(ssl_mode=verify-ca) and O(ssl_mode=verify-full).
     type: path
   connect_timeout:
-    description: Seconds one connection attempt may take.
+    description:
+      - Seconds one connection attempt may take.
+      - While a statement runs longer than this, the module asks the server on a second connection whether
+        it still answers; when it gets no answer twice in a row, it closes the connection and fails naming
+        the server, rather than wait on a hung host that no timeout on the server can end.
     type: int
     default: 10
   wait_timeout:
@@ -579,7 +583,7 @@ def main() -> None:
         module.fail_json(msg=problem)
     began = time.monotonic()
     session = Session(module.params, module.check_mode, module.warn)
-    watch_controller(lambda: session.conn, module.params["controller_pid"])
+    watch_controller(lambda: session.conn, module.params["controller_pid"], session.watch_server)
     try:
         migrations = load_migrations(*read_migrations(module.params))
         result = session.run(migrations)
@@ -588,7 +592,7 @@ def main() -> None:
     except psycopg2.Error as exc:
         # Anything the server refused outside a migration file: name what was being done.
         module.fail_json(msg=f"PostgreSQL at {session.where} (database {module.params['login_db']!r}) failed: "
-                             f"SQLSTATE {exc.pgcode}: {first_line(str(exc))}")
+                             + (session.stalled or f"SQLSTATE {exc.pgcode}: {first_line(str(exc))}"))
     except Exception as exc:
         module.fail_json(msg=f"pg_migrate failed unexpectedly ({type(exc).__name__}: {first_line(str(exc))}); "
                              "this is a bug in pg_migrate: please report it with this message",

@@ -223,12 +223,14 @@ def controller_gone(fd: int, chain: list[tuple[int, int]]) -> bool:
     return bool(poller.poll(0)) or any(parent_of(pid) != parent for pid, parent in chain)
 
 
-def watch_controller(conn_of: Callable[[], object], controller: int | None, interval: float = 0.5) -> None:
+def watch_controller(conn_of: Callable[[], object], controller: int | None, tick: Callable[[], None],
+                     interval: float = 0.5) -> None:
     """Cancel the running statement and exit when the controller goes away, so no lock outlives it.
 
     Without this, ansible-playbook exits on Ctrl-C while the module's server session runs on to the end
     of its statement, holding the migration lock and the table locks. Cancelling rolls the file back;
-    exiting closes the connection, which ends the session and releases the migration lock.
+    exiting closes the connection, which ends the session and releases the migration lock. `tick` runs
+    every interval in a thread of its own (Session.watch_server).
     """
     fd, chain = sys.stdout.fileno(), controller_chain(controller)
 
@@ -244,6 +246,11 @@ def watch_controller(conn_of: Callable[[], object], controller: int | None, inte
             time.sleep(interval)
         cancel_and_exit()
 
+    def watch_server() -> None:  # a thread of its own: a hung server must not delay the checks above
+        while True:
+            tick()
+            time.sleep(interval)
+
     def wait_for_signal() -> None:
         signal.sigwait(STOP_SIGNALS)
         cancel_and_exit()
@@ -252,7 +259,23 @@ def watch_controller(conn_of: Callable[[], object], controller: int | None, inte
     # taken by a thread: the main thread sits in libpq until the statement ends and could not act on it.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     threading.Thread(target=watch, name="pg_migrate-watchdog", daemon=True).start()
+    threading.Thread(target=watch_server, name="pg_migrate-server-watch", daemon=True).start()
     threading.Thread(target=wait_for_signal, name="pg_migrate-signals", daemon=True).start()
+
+
+if psycopg2 is not None:
+    class WatchedCursor(psycopg2.extensions.cursor):
+        """Marks on its connection when the query in flight started, for Session.watch_server."""
+
+        def execute(self, query: str | pgsql.Composable, vars: tuple | dict | None = None) -> None:
+            self.connection.running_since = time.monotonic()
+            try:
+                return super().execute(query, vars)
+            finally:
+                self.connection.running_since = None
+
+    class WatchedConnection(psycopg2.extensions.connection):
+        running_since: float | None = None
 
 
 class Session:
@@ -272,6 +295,10 @@ class Session:
         self.to_run: list[Migration] = []  # what ran, or in check mode what would run (for --diff)
         self.where = f"{params['login_host']}:{params['login_port']}"
         self.schedule = lock_schedule(params["lock_retries"])
+        self.stalled: str | None = None  # why watch_server gave up on the server, for the failure's message
+        self.unanswered = 0  # consecutive liveness checks the server did not answer
+        self.checked_at = 0.0
+        self.address: tuple[str, int] | None = None
 
     def named(self, option: str) -> str:
         """The option as the user set it: its name, or the role variable that option_names maps it to."""
@@ -300,7 +327,8 @@ class Session:
             kwargs["password"] = self.p["login_password"]
         if self.p["ca_cert"]:
             kwargs["sslrootcert"] = self.p["ca_cert"]
-        conn = psycopg2.connect(**kwargs, async_=async_)
+        conn = psycopg2.connect(**kwargs, async_=async_, connection_factory=WatchedConnection,
+                                cursor_factory=WatchedCursor)
         if not async_:  # a probe (see shares_server) is autocommit, driven by the caller
             conn.autocommit = True
         return conn
@@ -329,6 +357,8 @@ class Session:
                 if reason == "no_database":
                     raise
                 raise MigrationError(self._connect_message(reason, dbname, str(exc)), reason=reason) from None
+        # From here the watchdog sees it: a stop cancels, a server that stops answering is found (watch_server).
+        self.conn, self.address = conn, (conn.info.host, conn.info.port)
         try:
             self.check_server(conn)
             self.settle(conn, dbname, read_only)
@@ -383,6 +413,39 @@ class Session:
                 raise self.shared_session()
             if not read_only:  # a pooler that dropped the startup options, or refused them
                 cur.execute("SELECT " + TIMEOUTS, self.timeouts())
+
+    def watch_server(self) -> None:
+        """The watchdog's tick: while a query has run longer than connect_timeout, ask the server on a second
+        connection, every connect_timeout, whether it answers at all. A server that answers (even "too many
+        clients") is working on our statement. None twice in a row: a hung host or a frozen VM, where the
+        kernel keeps the TCP connection and no timeout on the server runs; shut our connection down, so that
+        the statement fails now, naming that, instead of waiting for statement_timeout or for ever."""
+        conn, wait = self.conn, self.p["connect_timeout"]
+        since = getattr(conn, "running_since", None) if conn is not None else None
+        now = time.monotonic()
+        if since is None or now - since < wait:
+            self.unanswered = 0
+            return
+        if now - self.checked_at < wait:
+            return
+        self.checked_at = now
+        try:
+            probe = self._connect_once(self.p["login_db"], writable=False, on=self.address, async_=True)
+        except psycopg2.Error:
+            return  # refused or failed at once: the server's or the network's own error reaches the statement
+        try:
+            answered = wait_ready(probe, now + wait)
+        except psycopg2.Error:
+            answered = True
+        finally:
+            probe.close()
+        self.unanswered = 0 if answered else self.unanswered + 1
+        if self.unanswered >= 2:
+            self.stalled = (f"the server stopped answering: the statement ran {round(now - since)} s, and a new "
+                            f"connection got no reply within {wait} s, twice ({self.named('connect_timeout')}), so "
+                            "pg_migrate closed the connection; check the host")
+            with contextlib.suppress(OSError):
+                socket.socket(fileno=os.dup(conn.fileno())).shutdown(socket.SHUT_RDWR)
 
     def timeouts(self) -> dict:
         return {"lock_timeout": self.p["lock_timeout"], "statement_timeout": self.p["statement_timeout"]}
@@ -625,7 +688,8 @@ class Session:
         if self.conn.closed or exc.pgcode in (None, "57P01", "57P02"):
             kept = "all of this file" if mig.transactional else "this file's earlier statements stay"
             return MigrationError(
-                f"{where}: the connection to the server was lost ({message}). The server rolls back what was not "
+                f"{where}: the connection to the server was lost ({self.stalled or message}). The server rolls back "
+                "what was not "
                 f"committed ({kept}) and the file was not recorded. Run the deploy again when the server is back.",
                 failed_migration=mig.name, line=line)
         code = exc.pgcode

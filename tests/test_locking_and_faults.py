@@ -436,3 +436,36 @@ def test_a_pg_database_lock_held_past_the_deadline_names_its_holder(tmp_path, db
         gate.close()
     assert res.rc != 0 and f"Creating database '{db.name}'" in res.output and "waited 2 s" in res.output
     assert "application 'dropping-another-db'" in res.output and not db.exists()
+
+
+def cluster_processes(cluster) -> list[int]:
+    """The postmaster and every process it started."""
+    root = cluster.postmaster_pid()
+    return [root] + [int(pid) for pid in subprocess.run(["pgrep", "-P", str(root)], capture_output=True,
+                                                        text=True).stdout.split()]
+
+
+def test_a_server_that_stops_answering_mid_migration_fails_the_deploy_in_seconds(tmp_path, own_cluster):
+    """Every process of the server stopped (SIGSTOP: a hung host, a frozen VM), the kernel still keeping the
+    TCP connection: no timeout on the server runs, and keepalives are answered. The deploy asks the server on
+    a second connection whether it still answers; it does not, twice: the run fails naming it."""
+    db = Db(own_cluster, "stalled")
+    slow = {"024_slow.sql": "CREATE TABLE stock_monitoring.slow_a (id int);\nSELECT pg_sleep(120);\n"}
+    proc = background_deploy(tmp_path, db, write_migrations(tmp_path / "m", slow, with_real=True),
+                             stock_monitoring_db_connect_timeout=3)
+    wait_for(lambda: db.exists() and active(db, "%pg_sleep(120)%"), "the slow migration to run")
+    stopped = cluster_processes(own_cluster)
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    began = time.monotonic()
+    try:
+        res = finish(proc, 120)
+        waited = time.monotonic() - began
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    assert res.rc != 0 and waited < 30, (waited, res.output)
+    assert "stopped answering" in res.output and "Traceback" not in res.output, res.output
+    assert_secret_free(res.output, own_cluster.password)
+    wait_for(lambda: not active(db, "%pg_sleep(120)%"), "the server to end the abandoned session", 15)
+    assert_consistent(db, [22, 23])
