@@ -90,6 +90,19 @@ options:
   ca_cert:
     description: CA certificate file for O(ssl_mode=verify-ca) and O(ssl_mode=verify-full).
     type: path
+  require_auth:
+    description:
+      - libpq C(require_auth), the authentication methods accepted from the server, for example
+        C(scram-sha-256) so that the password is never sent in clear text or as an MD5 answer to
+        whatever answers on the port. Empty for libpq's default, any method.
+      - Needs libpq 16 or newer; with an older one the module warns that it is not enforced.
+    type: str
+    default: ""
+  channel_binding:
+    description: libpq C(channel_binding) (SCRAM over TLS).
+    type: str
+    default: prefer
+    choices: [disable, prefer, require]
   connect_timeout:
     description:
       - Seconds one connection attempt may take.
@@ -481,6 +494,8 @@ ARGUMENT_SPEC = {
     "ssl_mode": {"type": "str", "default": "prefer",
                  "choices": ["allow", "disable", "prefer", "require", "verify-ca", "verify-full"]},
     "ca_cert": {"type": "path"},
+    "require_auth": {"type": "str", "default": ""},
+    "channel_binding": {"type": "str", "default": "prefer", "choices": ["disable", "prefer", "require"]},
     "connect_timeout": {"type": "int", "default": 10},
     "wait_timeout": {"type": "int", "default": 0},
     "migrations": {"type": "dict", "required": True},
@@ -515,6 +530,23 @@ TIMEOUT_RE = re.compile(r"^[0-9]+(us|ms|s|min|h|d)?$")
 PG_MAX_MILLISECONDS = 2147483647  # lock_timeout and statement_timeout are int milliseconds
 
 
+AUTH_METHODS = ("password", "md5", "gss", "sspi", "scram-sha-256", "oauth", "none")
+
+
+def require_auth_problem(value: str) -> str | None:
+    """What libpq would refuse in a require_auth list, said before connecting."""
+    if not value:
+        return None
+    methods = value.split(",")
+    negated = [m.startswith("!") for m in methods]
+    if any(negated) and not all(negated):
+        return "methods are either all allowed or all refused with '!', not mixed"
+    unknown = [m for m in methods if m.removeprefix("!") not in AUTH_METHODS]
+    if unknown:
+        return f"{', '.join(unknown)} is not a libpq method ({', '.join(AUTH_METHODS)}, each with or without '!')"
+    return None
+
+
 def input_problem(params: dict) -> str | None:
     """What is wrong with the options before any connection, in the words of the option."""
     for option in DURATION_OPTIONS:
@@ -527,6 +559,9 @@ def input_problem(params: dict) -> str | None:
         lock_schedule(params["lock_retries"])
     except ValueError as exc:
         return f"{params['option_names'].get('lock_retries', 'lock_retries')}: {exc}"
+    problem = require_auth_problem(params["require_auth"])
+    if problem:
+        return f"{params['option_names'].get('require_auth', 'require_auth')}={params['require_auth']!r}: {problem}"
     for option, what in (("login_db", "Database name"), ("maintenance_db", "Maintenance database name"),
                          ("schema", "Schema name"), ("history_table", "History table name")):
         problem = name_problem(what, params[option])

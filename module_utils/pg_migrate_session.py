@@ -46,7 +46,11 @@ else:
 SERVER_DOWN_PATTERNS = ("could not connect", "connection refused", "timeout expired", "could not translate host",
                         "no such file or directory", "the database system is starting up",
                         "the database system is shutting down", "the database system is in recovery mode",
-                        "server closed the connection unexpectedly", "connection to server")
+                        "server closed the connection unexpectedly")
+# libpq's words when TLS cannot be set up as ssl_mode asks: a setting to fix, not a server to wait for.
+TLS_PATTERNS = ("does not support ssl", "certificate", "ssl error", "sslmode", "ssl negotiation", "tlsv1", "ssl/tls")
+# libpq's words when the server asks for an authentication method that require_auth or channel_binding refuse.
+AUTH_METHOD_PATTERNS = ("authentication method requirement", "channel binding required", "channel binding is required")
 # How the server finds out that the module is gone (SIGKILL, the OOM killer, a dead network) while a statement
 # runs, instead of holding its locks until statement_timeout: it checks the client's socket every 2 s during a
 # statement (PostgreSQL 14+), and TCP keepalives find a peer that stopped answering.
@@ -95,8 +99,13 @@ LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = %(table)s
 
 
 def classify_connect_error(message: str) -> str:
-    """Tell apart the reasons a connection fails: 'down', 'auth', 'no_database', 'standby' or 'other'."""
+    """Tell apart the reasons a connection fails: 'down', 'auth', 'auth_method', 'tls', 'no_database', 'standby'
+    or 'other'."""
     low = message.lower()
+    if any(p in low for p in AUTH_METHOD_PATTERNS):
+        return "auth_method"
+    if any(p in low for p in TLS_PATTERNS):
+        return "tls"
     if "does not exist" in low and "database" in low:
         return "no_database"
     # libpq's words when target_session_attrs=read-write finds no server that takes writes (14 and later;
@@ -299,6 +308,20 @@ class Session:
         self.unanswered = 0  # consecutive liveness checks the server did not answer
         self.checked_at = 0.0
         self.address: tuple[str, int] | None = None
+        self.auth_settings = self.libpq_auth_settings()
+
+    def libpq_auth_settings(self) -> dict:
+        """require_auth and channel_binding as this host's libpq takes them; a warning where it cannot."""
+        version = psycopg2.__libpq_version__
+        settings = {"channel_binding": self.p["channel_binding"]} if version >= 130000 else {}
+        if self.p["require_auth"] and version >= 160000:
+            settings["require_auth"] = self.p["require_auth"]
+        elif self.p["require_auth"] and self.p["ssl_mode"] != "verify-full" and self.p["channel_binding"] != "require":
+            self.warn(f"{self.named('require_auth')} ({self.p['require_auth']}) is not enforced: this host's psycopg2 "
+                      f"uses libpq {version // 10000}, and require_auth needs 16 or newer. Whatever answers on the "
+                      "server's port can ask for the password in clear text. Install a psycopg2 built on a newer "
+                      f"libpq (psycopg2-binary), or set {self.named('ssl_mode')} to verify-full")
+        return settings
 
     def named(self, option: str) -> str:
         """The option as the user set it: its name, or the role variable that option_names maps it to."""
@@ -327,6 +350,7 @@ class Session:
             kwargs["password"] = self.p["login_password"]
         if self.p["ca_cert"]:
             kwargs["sslrootcert"] = self.p["ca_cert"]
+        kwargs.update(self.auth_settings)
         conn = psycopg2.connect(**kwargs, async_=async_, connection_factory=WatchedConnection,
                                 cursor_factory=WatchedCursor)
         if not async_:  # a probe (see shares_server) is autocommit, driven by the caller
@@ -470,6 +494,18 @@ class Session:
                     "sessions are read-only (default_transaction_read_only). A deploy writes, so it needs the primary. "
                     "Point POSTGRES_HOST at the primary, or list the cluster's hosts (POSTGRES_HOST=host1,host2) so "
                     f"that each deploy finds the current primary ({first_line(error)})")
+        if reason == "auth_method":
+            setting = self.p["require_auth"] or "libpq's default"
+            return (f"PostgreSQL at {where} asked for the password in a way that {self.named('require_auth')} "
+                    f"({setting}, channel_binding {self.p['channel_binding']}) does not allow, so it was not sent: "
+                    f"{first_line(error)}. If this is your server, have its pg_hba.conf use scram-sha-256 for "
+                    f"{user!r} (and set the password again, so that it is stored as SCRAM), or set "
+                    f"{self.named('require_auth')} to the method it uses; if it is not, something else is "
+                    "answering on that port")
+        if reason == "tls":
+            return (f"TLS with PostgreSQL at {where} could not be set up as {self.named('ssl_mode')} "
+                    f"({self.p['ssl_mode']}) asks: {first_line(error)}. Check the server's ssl setting and "
+                    f"certificate, and {self.named('ca_cert')}")
         if reason == "auth":
             return (f"Login to PostgreSQL at {where} as {user!r} (database {dbname!r}) was refused: {first_line(error)}. "
                     "Check POSTGRES_USER/POSTGRES_PASSWORD and the server's pg_hba.conf")

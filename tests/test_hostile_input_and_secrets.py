@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
+import socket
+import struct
+import threading
+import time
 import uuid
 import warnings
 
@@ -183,3 +188,55 @@ def test_password_never_appears_at_vvvv(tmp_path, db, case):
     for text in texts:
         for secret in secrets_of(db.cluster.password):
             assert secret not in text
+
+
+class FakeListener:
+    """Whatever binds the server's port while it is down (a restart): it refuses TLS, asks every client for
+    its password in clear text (AuthenticationCleartextPassword) or with MD5, and keeps what comes back."""
+
+    def __init__(self, method: str) -> None:
+        self.method, self.received = method, b""
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.sock.accept()
+                with client:
+                    client.settimeout(2)
+                    length, code = struct.unpack("!ii", client.recv(8))
+                    while code in (80877103, 80877104):  # SSLRequest, GSSENCRequest: not here
+                        client.sendall(b"N")
+                        length, code = struct.unpack("!ii", client.recv(8))
+                    client.recv(length - 8)  # the startup message: user, database, options
+                    ask = struct.pack("!ii", 8, 3) if self.method == "password" else struct.pack("!ii4s", 12, 5, b"salt")
+                    client.sendall(b"R" + ask)
+                    with contextlib.suppress(OSError):
+                        while chunk := client.recv(65536):
+                            self.received += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("method", ["password", "md5"])
+def test_the_password_never_goes_to_a_listener_that_asks_for_it_in_clear_text_or_md5(tmp_path, db, method):
+    fake = FakeListener(method)
+    password = "Fake-" + uuid.uuid4().hex
+    try:
+        res = play(tmp_path, db, env=env_text(db, password=password, POSTGRES_PORT=str(fake.port)),
+                   extra={"stock_monitoring_db_wait_timeout": 1})
+    finally:
+        fake.close()
+    assert fake.received == b"", fake.received  # not the password, not an MD5 answer: nothing
+    assert res.rc != 0 and "stock_monitoring_db_require_auth" in res.output and password not in res.output, res.output
+
+
+def test_tls_that_cannot_be_set_up_fails_at_once_naming_tls_not_a_server_that_is_down(tmp_path, db):
+    began = time.monotonic()
+    res = play(tmp_path, db, extra={"stock_monitoring_db_ssl_mode": "verify-full", "stock_monitoring_db_wait_timeout": 30})
+    assert res.rc != 0 and time.monotonic() - began < 25, res.output
+    assert "TLS" in res.output and "not reachable" not in res.output, res.output

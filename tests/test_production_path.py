@@ -193,3 +193,13 @@ def test_become_on_the_command_line_does_not_reach_the_report(tmp_path, db, ssh_
                        extra_vars={"stock_monitoring_db_report_file": str(report)})
     assert res.rc == 0, res.output
     assert json.loads(report.read_text())[0]["host"] == "deploy-host"
+
+
+def test_a_host_whose_libpq_cannot_refuse_a_cleartext_request_is_warned(db, ssh_host, runner_temp):
+    """Debian 12's python3-psycopg2 is built on libpq 15, which has no require_auth: the deploy says the
+    protection is off there and how to get it, rather than implying it."""
+    ssh_host.write_env(env_text(db))
+    res = run_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=ssh_host.inventory)
+    assert res.rc == 0, res.output
+    assert "stock_monitoring_db_require_auth (scram-sha-256) is not enforced: this host's psycopg2 uses libpq 15" \
+        in " ".join(res.output.split()), res.output
