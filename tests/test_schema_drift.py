@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 
 import pytest
 from ansible.module_utils.pg_migrate_schema import differences
@@ -200,3 +201,78 @@ def test_a_table_held_by_maintenance_neither_hides_what_was_applied_nor_passes_v
     finally:
         holder.close()
     assert play(tmp_path, db, "verify-db.yml").rc == 0
+
+
+BEHAVIOUR = {
+    "CREATE RULE discard AS ON INSERT TO stock_monitoring.alerts DO INSTEAD NOTHING":
+        "rule alerts.discard: not in the schema file",
+    "ALTER TABLE stock_monitoring.watchlist_items DISABLE TRIGGER ALL":
+        "table watchlist_items: triggers that enforce foreign keys differ: enabled in the schema file, disabled in "
+        "the database",
+    "ALTER TABLE stock_monitoring.audit_log SET UNLOGGED":
+        "table audit_log: persistence differs: logged in the schema file, unlogged in the database",
+    'ALTER TABLE stock_monitoring.alerts ALTER COLUMN symbol TYPE text COLLATE "C"':
+        'alerts.symbol: collation differs: none in the schema file, "C" in the database',
+    "ALTER TABLE stock_monitoring.alerts SET (autovacuum_enabled = false)":
+        "table alerts: options differ: none in the schema file, autovacuum_enabled=false in the database",
+    "ALTER TABLE stock_monitoring.notifications ENABLE ROW LEVEL SECURITY":
+        "table notifications: row level security differs: off in the schema file, on in the database",
+    "CREATE TYPE stock_monitoring.mood AS ENUM ('calm')":
+        "type stock_monitoring.mood: not in the schema file",
+}
+
+
+@pytest.mark.every_major
+def test_verify_names_what_the_migrations_did_not_create_and_each_change_of_behaviour(tmp_path, db):
+    assert play(tmp_path, db).rc == 0
+    db.query("; ".join(BEHAVIOUR))
+    res = play(tmp_path, db, "verify-db.yml")
+    assert res.rc != 0 and "schema differs from the schema file" in res.output, res.output
+    for expected in BEHAVIOUR.values():
+        assert expected in said(res.output), f"{expected!r} not in:\n{said(res.output)}"
+
+
+@pytest.mark.every_major
+def test_an_operator_planted_by_a_role_with_create_on_the_schema_is_drift_and_so_is_that_role(tmp_path, db):
+    """The search_path attack (CVE-2018-1058): a role with USAGE and CREATE on the schema adds
+    stock_monitoring.=(text, text) meaning "not equal", which queries under search_path = stock_monitoring,
+    pg_catalog then use instead of pg_catalog's."""
+    assert play(tmp_path, db).rc == 0
+    mallory = f"mallory_{uuid.uuid4().hex[:8]}"
+    db.query(f"CREATE ROLE {mallory} LOGIN PASSWORD 'Ma-{uuid.uuid4().hex}'; "
+             f"GRANT USAGE, CREATE ON SCHEMA stock_monitoring TO {mallory}")
+    try:
+        db.query(f"SET ROLE {mallory}; CREATE FUNCTION stock_monitoring.neq(text, text) RETURNS boolean LANGUAGE sql "
+                 "IMMUTABLE AS 'SELECT $1 <> $2'; CREATE OPERATOR stock_monitoring.= (LEFTARG = text, RIGHTARG = text, "
+                 "FUNCTION = stock_monitoring.neq)")
+        db.query("INSERT INTO stock_monitoring.watchlists (user_id, name) VALUES ('alice', 'a'), ('bob', 'b')")
+        rows = db.query("SET search_path = stock_monitoring, pg_catalog; SELECT user_id FROM watchlists "
+                        "WHERE user_id = 'alice'")
+        assert rows == [("bob",)]  # the attack works: what verify must catch
+        res = play(tmp_path, db, "verify-db.yml")
+        out = said(res.output)
+        assert res.rc != 0 and "operator stock_monitoring.=(text,text): not in the schema file" in out, out
+        assert "function stock_monitoring.neq(text,text): not in the schema file" in out, out
+        assert f"schema stock_monitoring: role {mallory} can CREATE in it and is not its owner" in out, out
+    finally:
+        db.query(f"DROP OWNED BY {mallory}; DROP ROLE {mallory}")
+
+
+@pytest.mark.every_major
+def test_a_disabled_trigger_of_a_migration_is_drift(tmp_path, db):
+    more = {"024_touch.sql": "CREATE FUNCTION stock_monitoring.touch() RETURNS trigger LANGUAGE plpgsql AS "
+                             "$$BEGIN NEW.updated_at := now(); RETURN NEW; END$$;\n"
+                             "CREATE TRIGGER alerts_touch BEFORE UPDATE ON stock_monitoring.alerts "
+                             "FOR EACH ROW EXECUTE FUNCTION stock_monitoring.touch();\n"}
+    folder = write_migrations(tmp_path / "m", more, with_real=True)
+    schema_file = tmp_path / "schema.json"
+    made = subprocess.run([sys.executable, str(SCHEMA_SCRIPT), "--migrations", str(folder), "--file", str(schema_file)],
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stdout + made.stderr
+    extra = {"stock_monitoring_db_migrations_dir": str(folder), "stock_monitoring_db_schema_file": str(schema_file)}
+    assert play(tmp_path, db, extra=extra).rc == 0
+    assert play(tmp_path, db, "verify-db.yml", extra=extra).rc == 0
+    db.query("ALTER TABLE stock_monitoring.alerts DISABLE TRIGGER USER")
+    res = play(tmp_path, db, "verify-db.yml", extra=extra)
+    assert res.rc != 0 and "trigger alerts.alerts_touch: enabled differs: yes in the schema file, no (DISABLE TRIGGER) " \
+        "in the database" in said(res.output), res.output
