@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 
 BIGINT_MAX = 2**63 - 1  # the history table's version column
-NAME_RE = re.compile(r"^(\d+)_([A-Za-z0-9][A-Za-z0-9_.-]*)\.sql$")
+# ASCII digits only: \d would take any Unicode digit (Arabic-Indic ٠٢٤ read as 24).
+NAME_RE = re.compile(r"^([0-9]+)_([A-Za-z0-9][A-Za-z0-9_.-]*)\.sql$")
 LINE_END = re.compile(r"\r\n|\r|\n")
 BOM = "\ufeff"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from ansible.errors import AnsibleError
 from ansible.module_utils import pg_migrate_plan as pm
 from ansible.module_utils import pg_migrate_session as session
 from conftest import MIGRATIONS, load_library, read_migrations
@@ -35,6 +36,7 @@ def test_real_migrations_load_in_order():
     ({"22_a.sql": "SELECT 1;", "022_b.sql": "SELECT 1;"}, "have the same version 22"),
     ({"abc.sql": "SELECT 1;"}, "does not match NNN_name.sql"),
     ({"001_x.SQL": "SELECT 1;"}, "does not match"),
+    ({"\u0660\u0662\u0664_arabic_indic.sql": "SELECT 1;"}, "does not match NNN_name.sql"),
     ({"001_tx.sql": "BEGIN;\nSELECT 1;\nCOMMIT;"}, "line 1: it starts with BEGIN"),
     ({"20191100000001000000_x.sql": "SELECT 1;"}, "its version 20191100000001000000 is larger than the history "
                                                   "table's version column holds \\(bigint"),
@@ -192,3 +194,10 @@ def test_statements_split_as_psql_splits_them_when_the_parser_cannot_read_the_fi
     assert pieces[1].endswith("END") and pieces[3] == "SELECT 'a;b'" and pieces[4] == "SELECT 3"
     found = sql.analyse("001_x.sql", "-- pg_migrate:no-transaction\n" + text)
     assert "problem" not in found and len(found["statements"]) == 5
+
+
+def test_a_migration_whose_extension_is_not_lower_case_sql_is_refused_not_skipped(tmp_path):
+    (tmp_path / "022_a.sql").write_text("SELECT 1;")
+    (tmp_path / "024_b.SQL").write_text("SELECT 1;")
+    with pytest.raises(AnsibleError, match=r"024_b\.SQL ends in \.SQL: .* rename it to 024_b\.sql"):
+        load_library("migration_files", "roles/stock_monitoring_db/lookup_plugins").read_migrations(str(tmp_path))

@@ -42,6 +42,10 @@ def read_migrations(directory: str) -> dict[str, str]:
     if not folder.is_dir():
         raise AnsibleError(f"The migrations directory {directory} does not exist on the controller")
     files: dict[str, str] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() == ".sql" and path.suffix != ".sql":  # skipped, it would never run: say so
+            raise AnsibleError(f"Migration {path} ends in {path.suffix}: migrations are *.sql files, in lower case; "
+                               f"rename it to {path.stem}.sql")
     for path in sorted(folder.glob("*.sql")):
         data = path.read_bytes()
         try:
