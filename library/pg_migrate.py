@@ -559,6 +559,9 @@ def input_problem(params: dict) -> str | None:
         lock_schedule(params["lock_retries"])
     except ValueError as exc:
         return f"{params['option_names'].get('lock_retries', 'lock_retries')}: {exc}"
+    for option in ("login_host", "login_user", "login_password", "login_db", "maintenance_db", "application_name"):
+        if "\0" in params[option]:  # libpq takes C strings: the value would end there, or psycopg2 raise
+            return f"{params['option_names'].get(option, option)} holds a NUL character, which no connection can carry"
     problem = require_auth_problem(params["require_auth"])
     if problem:
         return f"{params['option_names'].get('require_auth', 'require_auth')}={params['require_auth']!r}: {problem}"

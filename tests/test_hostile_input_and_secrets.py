@@ -240,3 +240,12 @@ def test_tls_that_cannot_be_set_up_fails_at_once_naming_tls_not_a_server_that_is
     res = play(tmp_path, db, extra={"stock_monitoring_db_ssl_mode": "verify-full", "stock_monitoring_db_wait_timeout": 30})
     assert res.rc != 0 and time.monotonic() - began < 25, res.output
     assert "TLS" in res.output and "not reachable" not in res.output, res.output
+
+
+@pytest.mark.parametrize("key", ["POSTGRES_PASSWORD", "POSTGRES_USER", "POSTGRES_DB"])
+def test_a_nul_character_in_a_connection_setting_is_named_before_connecting(tmp_path, db, key):
+    values = {"POSTGRES_PASSWORD": "pa\0ss", "POSTGRES_USER": "post\0gres", "POSTGRES_DB": "stock\0db"}
+    res = play(tmp_path, db, env=env_text(db, **{key: values[key]}))
+    assert res.rc != 0 and "bug in pg_migrate" not in res.output and "Traceback" not in res.output, res.output
+    assert f"{key} in {tmp_path / '.env'} (or the role variable that overrides it) holds a NUL character" \
+        in " ".join(res.output.split()), res.output

@@ -19,6 +19,17 @@ def login(values: dict, overrides: dict) -> dict:
     return {**values, **{key: value for key, value in overrides.items() if value is not None}}
 
 
+def login_problem(values: dict, env_file: str) -> str:
+    """What no connection can carry, named by key (never the value): a NUL character ends a C string in libpq,
+    and the protocol has no way to send one. Empty when there is none."""
+    keys = [key for key, value in values.items() if "\0" in str(value)]
+    if not keys:
+        return ""
+    return (f"{', '.join(keys)} in {env_file} (or the role variable that overrides it) holds a NUL character, "
+            "which no PostgreSQL connection can carry: fix the value")
+
+
 class FilterModule:
     def filters(self) -> dict:
-        return {"stock_monitoring_db_required": required, "stock_monitoring_db_login": login}
+        return {"stock_monitoring_db_required": required, "stock_monitoring_db_login": login,
+                "stock_monitoring_db_login_problem": login_problem}
