@@ -716,7 +716,12 @@ class Session:
             line = line_of(mig.text, offset)
         at = f"at line {line}" if line else "(the server gives no position for this error)"
         message = first_line(exc.diag.message_primary or str(exc))
-        for label, value in (("detail", exc.diag.message_detail), ("hint", exc.diag.message_hint),
+        detail = exc.diag.message_detail
+        if detail and (exc.pgcode or "").startswith("23"):
+            # An integrity violation's detail repeats the row ("Key (...)=(...)", "Failing row contains (...)"),
+            # which may be personal data: not for CI logs and reports. The server's log has it.
+            detail = "withheld (it holds the row's values; the server's log has it)"
+        for label, value in (("detail", detail), ("hint", exc.diag.message_hint),
                              ("table", exc.diag.table_name), ("constraint", exc.diag.constraint_name)):
             if value:
                 message += f"; {label}: {first_line(value)}"

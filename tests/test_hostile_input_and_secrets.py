@@ -249,3 +249,20 @@ def test_a_nul_character_in_a_connection_setting_is_named_before_connecting(tmp_
     assert res.rc != 0 and "bug in pg_migrate" not in res.output and "Traceback" not in res.output, res.output
     assert f"{key} in {tmp_path / '.env'} (or the role variable that overrides it) holds a NUL character" \
         in " ".join(res.output.split()), res.output
+
+
+@pytest.mark.parametrize("statement", [
+    "INSERT INTO stock_monitoring.watchlists (user_id, name) VALUES ('alice@example.com', 'x'), "
+    "('alice@example.com', 'x');",
+    "INSERT INTO stock_monitoring.watchlists (user_id, name) VALUES ('alice@example.com', repeat('x', 500));",
+])
+def test_a_failing_row_s_values_stay_out_of_the_output_and_the_report(tmp_path, db, statement):
+    """A constraint's error detail repeats the row ("Key (user_id, name)=(...)", "Failing row contains (...)"):
+    personal data, which would go into CI logs and the uploaded report."""
+    report = tmp_path / "report.json"
+    folder = write_migrations(tmp_path / "m", {"024_rows.sql": statement + "\n"}, with_real=True)
+    res = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(folder),
+                                    "stock_monitoring_db_report_file": str(report)}, args=["-vvv"])
+    assert res.rc != 0 and "Migration 024_rows.sql failed" in res.output, res.output
+    assert "constraint: watchlists_" in res.output, res.output
+    assert "alice@example.com" not in res.output and "alice@example.com" not in report.read_text(), res.output
