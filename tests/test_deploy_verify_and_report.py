@@ -356,3 +356,11 @@ def test_a_timeout_longer_than_postgresql_takes_is_refused_by_name(tmp_path, db)
     res = play(tmp_path, db, extra={"stock_monitoring_db_lock_timeout": "30d"})
     assert res.rc != 0 and "stock_monitoring_db_lock_timeout='30d' is longer than PostgreSQL takes" in res.output
     assert not db.exists()
+
+
+@pytest.mark.parametrize("where", ["a directory that does not exist", "a directory"])
+def test_a_report_file_that_cannot_be_written_fails_before_anything_runs(tmp_path, db, where):
+    path = tmp_path / "missing" / "report.json" if where != "a directory" else tmp_path
+    res = play(tmp_path, db, extra={"stock_monitoring_db_report_file": str(path)})
+    assert res.rc != 0 and f"The JSON report {path} cannot be written" in " ".join(res.output.split()), res.output
+    assert not db.exists()

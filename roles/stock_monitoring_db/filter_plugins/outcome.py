@@ -9,6 +9,8 @@ with only `msg`, or nothing at all when the module never ran).
 
 from __future__ import annotations
 
+import os
+
 
 def outcome(result: dict | None, host: str, login: dict, schema: str, mode: str, check: bool, diff: bool = False,
             psycopg2_installed: bool = False, psycopg2_package: str = "python3-psycopg2",
@@ -144,6 +146,22 @@ def drift_text(drift: list[dict]) -> str:
     return ", ".join(f"{d['name']} {d['kind']}" for d in drift)
 
 
+def report_problem(path: str) -> str:
+    """Why the JSON report could not be written at the end of the run, found before anything runs (on the
+    controller, where the report callback writes it, from the directory ansible-playbook started in)."""
+    target = os.path.abspath(path)
+    folder = os.path.dirname(target)
+    if os.path.isdir(target):
+        why = "it is a directory"
+    elif not os.path.isdir(folder):
+        why = f"its directory {folder} does not exist"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        why = f"its directory {folder} is not writable"
+    else:
+        return ""
+    return f"The JSON report {path} cannot be written: {why}. Fix stock_monitoring_db_report_file; nothing was run"
+
+
 class FilterModule:
     def filters(self) -> dict:
-        return {"stock_monitoring_db_outcome": outcome}
+        return {"stock_monitoring_db_outcome": outcome, "stock_monitoring_db_report_problem": report_problem}
