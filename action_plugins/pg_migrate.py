@@ -277,11 +277,14 @@ class ActionModule(ActionBase):
         if not isinstance(migrations, dict) or not all(isinstance(text, str) for text in migrations.values()):
             raise AnsibleActionFail("pg_migrate: migrations must be a mapping of file name to SQL text")
         findings = {name: found for name, text in migrations.items() if (found := analyse(str(name), text))}
-        if sum(len(text) for text in migrations.values()) <= INLINE_LIMIT:
+        schema = args.get("expected_schema")
+        schema_size = len(json.dumps(schema)) if isinstance(schema, dict) else 0
+        if sum(len(text) for text in migrations.values()) + schema_size <= INLINE_LIMIT:
             args["findings"] = findings
         else:  # the temporary directory goes with the task (ActionBase.cleanup), whatever happens
             path = self._connection._shell.join_path(self._make_tmp_path(), "pg_migrate-migrations.json")
-            data = json.dumps({"migrations": migrations, "findings": findings}).encode()
+            data = json.dumps({"migrations": migrations, "findings": findings, "expected_schema": schema}).encode()
+            args["expected_schema"] = None
             self._transfer_data(path, data)
             self._fixup_perms2((self._connection._shell.tmpdir, path))
             args.update(migrations={}, migrations_path=path, migrations_sha256=hashlib.sha256(data).hexdigest())

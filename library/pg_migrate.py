@@ -280,9 +280,9 @@ options:
   migrations_path:
     description:
       - Internal, set by the pg_migrate action plugin on the controller; do not set it.
-      - A file in the target's temporary directory holding O(migrations) and O(findings), used instead
-        of the module's arguments when the migrations are large. The module reads it once, removes it, and
-        runs nothing unless it matches O(migrations_sha256).
+      - A file in the target's temporary directory holding O(migrations), O(findings) and
+        O(expected_schema), used instead of the module's arguments when they are large. The module reads
+        it once, removes it, and runs nothing unless it matches O(migrations_sha256).
     type: str
   migrations_sha256:
     description:
@@ -481,6 +481,7 @@ from ansible.module_utils.pg_migrate_plan import (
     name_problem,
     seconds,
 )
+from ansible.module_utils.pg_migrate_schema import schema_file_problem
 from ansible.module_utils.pg_migrate_session import PSYCOPG2_IMPORT_ERROR, Session, psycopg2, watch_controller
 
 DURATION_OPTIONS = ("lock_timeout", "statement_timeout")
@@ -574,7 +575,8 @@ def input_problem(params: dict) -> str | None:
 
 
 def read_migrations(params: dict) -> tuple[dict, dict | None]:
-    """The migrations and the action plugin's findings: in the arguments, or in a file when large.
+    """The migrations and the action plugin's findings: in the arguments, or in a file when large (with
+    expected_schema, which it then sets in params).
 
     The file is in the target's temporary directory, which may be shared (remote_tmp under /tmp): it is
     read once, removed, and used only if it is what the controller wrote, so that another local user who
@@ -594,6 +596,7 @@ def read_migrations(params: dict) -> tuple[dict, dict | None]:
             "user of the host's temporary directory may have replaced it. Nothing was run. Set remote_tmp to a "
             "directory only the deploy user can write (Ansible's default, ~/.ansible/tmp), and run the deploy again")
     sent = json.loads(data)
+    params["expected_schema"] = sent.get("expected_schema")
     return sent["migrations"], sent["findings"]
 
 
@@ -624,6 +627,9 @@ def main() -> None:
     watch_controller(lambda: session.conn, module.params["controller_pid"], session.watch_server)
     try:
         migrations = load_migrations(*read_migrations(module.params))
+        problem = schema_file_problem(module.params["expected_schema"])
+        if problem:
+            raise MigrationError(f"{module.params['option_names'].get('expected_schema', 'expected_schema')}: {problem}")
         result = session.run(migrations)
     except MigrationError as exc:
         module.fail_json(msg=exc.msg, **exc.details)

@@ -207,6 +207,27 @@ def differences(expected: dict, actual: dict) -> list[str]:
     return found
 
 
+# What make schema writes: the file's keys, and the keys of its objects (SNAPSHOT's).
+FILE_KEYS = frozenset({"comment", "schema", "postgresql", "migrations", "objects"})
+OBJECT_KEYS = frozenset({"tables", "views", "indexes", "constraints", "sequences", "functions", "triggers",
+                         "disabled_triggers", "rules", "policies", "objects", "creators", "schema"})
+
+
+def schema_file_problem(expected: dict | None) -> str | None:
+    """Keys that make schema does not write, which the comparison would ignore: a hand edit, a file of
+    another tool, or a typo that turns a check off."""
+    if expected is None:
+        return None
+    unknown = sorted(set(expected) - FILE_KEYS)
+    objects = expected.get("objects")
+    if not isinstance(objects, dict):
+        return "it has no objects: regenerate it with make schema"
+    unknown += [f"objects.{key}" for key in sorted(set(objects) - OBJECT_KEYS)]
+    if unknown:
+        return f"it holds keys that make schema does not write ({', '.join(unknown)}): regenerate it with make schema"
+    return None
+
+
 def migration_changes(described: dict, present: dict) -> list[str]:
     """How the migrations present ({name: checksum}: applied ones, or files) differ from those the schema
     file was made from; empty when they are the same."""
