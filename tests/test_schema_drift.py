@@ -304,4 +304,5 @@ def test_a_large_schema_file_travels_as_a_file_and_costs_little(tmp_path, db):
     res = play(tmp_path, db, "verify-db.yml", extra={"stock_monitoring_db_schema_file": str(big)})
     large = time.monotonic() - began
     assert res.rc == 0 and "schema: matches the schema file" in res.output, res.output
-    assert large < small + 2.5, (small, large)  # inline: +3.8 s here, +13 s on a slower host
+    # Inline it was 3.1 times a run without it here (+3.8 s; +13 s on a slower host); as a file, 1.4 times.
+    assert large < 2 * small + 1, (small, large)
