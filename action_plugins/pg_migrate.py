@@ -249,10 +249,12 @@ def run_once(stmt: str) -> str | None:
     """Why a statement of a no-transaction file must not be run again after it lost a lock race, if so:
     a CONCURRENTLY index build or drop leaves an INVALID index behind; a DO block or a CALL may have
     committed part of its work (COMMIT inside), which running it again would repeat."""
-    words = [t.name for t in pg_parser.scan(stmt) if t.name not in ("SQL_COMMENT", "C_COMMENT")][:6]
+    words = [t.name for t in pg_parser.scan(stmt) if t.name not in ("SQL_COMMENT", "C_COMMENT")]
     if words[:1] in (["DO"], ["CALL"]):
         return "may_commit"
-    if words[:1] in (["CREATE"], ["DROP"], ["REINDEX"]) and "CONCURRENTLY" in words:
+    # CREATE/DROP INDEX, REINDEX (VERBOSE, ..., CONCURRENTLY), ALTER TABLE ... DETACH PARTITION ... CONCURRENTLY;
+    # REFRESH MATERIALIZED VIEW CONCURRENTLY leaves nothing behind when it fails, and is retried.
+    if "CONCURRENTLY" in words and words[:1] != ["REFRESH"]:
         return "concurrently"
     return None
 

@@ -108,7 +108,8 @@ options:
       - Seconds one connection attempt may take.
       - While a statement runs longer than this, the module asks the server on a second connection whether
         it still answers; when it gets no answer twice in a row, it closes the connection and fails naming
-        the server, rather than wait on a hung host that no timeout on the server can end.
+        the server, rather than wait on a hung host that no timeout on the server can end. Each check waits
+        at least 5 s. 0 is libpq's "no limit", and turns the check off.
     type: int
     default: 10
   wait_timeout:
@@ -224,8 +225,9 @@ options:
       - When the last attempt fails, the run fails naming the sessions that hold locks in the schema.
       - A no-transaction file runs each statement in its own transaction, so a statement that loses a
         lock race left nothing and is retried alone with the same schedule; the statements before it
-        stay applied. A C(CONCURRENTLY) statement is not retried (a failed one leaves an invalid index)
-        and runs under O(lock_timeout).
+        stay applied. A C(CONCURRENTLY) statement (but C(REFRESH MATERIALIZED VIEW CONCURRENTLY)) is not
+        retried, since a failed one leaves an invalid index or a pending detach, nor is a C(DO) block or a
+        C(CALL), which may have committed part of its work; they run once, under O(lock_timeout).
       - The schedule's lock_timeout is set before the file's own statements, so a file that sets
         C(lock_timeout) itself overrides it in a transactional file (not in a no-transaction one).
       - Empty (the default) means no retry, one attempt under O(lock_timeout).
@@ -563,6 +565,8 @@ def input_problem(params: dict) -> str | None:
     for option in ("login_host", "login_user", "login_password", "login_db", "maintenance_db", "application_name"):
         if "\0" in params[option]:  # libpq takes C strings: the value would end there, or psycopg2 raise
             return f"{params['option_names'].get(option, option)} holds a NUL character, which no connection can carry"
+    if params["connect_timeout"] < 0:
+        return f"{params['option_names'].get('connect_timeout', 'connect_timeout')} must be 0 (no limit) or more seconds"
     problem = require_auth_problem(params["require_auth"])
     if problem:
         return f"{params['option_names'].get('require_auth', 'require_auth')}={params['require_auth']!r}: {problem}"

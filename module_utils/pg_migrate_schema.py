@@ -72,11 +72,13 @@ SELECT json_build_object(
   'policies', (SELECT coalesce(json_object_agg(tablename || '.' || policyname, concat_ws(' ', permissive, cmd, 'TO',
       array_to_string(roles, ', '), 'USING (' || qual || ')', 'WITH CHECK (' || with_check || ')')), '{}')
     FROM pg_policies WHERE schemaname = %(schema)s),
-  -- Every other object in the schema, whatever its kind, by PostgreSQL's own name for it: a type, an operator
+  -- Every other object in the schema, whatever its kind, by PostgreSQL's own name for it (pg_identify_object,
+  -- which, unlike pg_describe_object, lc_messages never translates): a type, an operator
   -- (the search_path attack), an aggregate, a collation, text search objects, statistics, an extension. Left
   -- out: what comes with a relation (its row type, array types) or with a range (its multirange).
   'objects', (SELECT coalesce(json_object_agg(o.name, o.definition), '{}') FROM (
-      SELECT pg_describe_object('pg_type'::regclass, t.oid, 0) AS name, CASE t.typtype
+      SELECT (SELECT type || ' ' || identity FROM pg_identify_object('pg_type'::regclass, t.oid, 0)) AS name,
+        CASE t.typtype
         WHEN 'd' THEN 'domain over ' || format_type(t.typbasetype, t.typtypmod)
           || CASE WHEN t.typnotnull THEN ' NOT NULL' ELSE '' END || coalesce(' DEFAULT ' || t.typdefault, '')
         WHEN 'e' THEN 'enum (' || (SELECT string_agg(quote_literal(e.enumlabel), ', ' ORDER BY e.enumsortorder)
@@ -90,13 +92,16 @@ SELECT json_build_object(
       FROM pg_type t, s WHERE t.typnamespace = s.oid AND t.typtype <> 'm'
         AND (t.typrelid = 0 OR (SELECT relkind FROM pg_class WHERE oid = t.typrelid) = 'c')
         AND NOT EXISTS (SELECT FROM pg_type e WHERE e.typarray = t.oid)
-      UNION ALL SELECT pg_describe_object('pg_operator'::regclass, o.oid, 0), 'function ' || o.oprcode::regprocedure
+      UNION ALL SELECT (SELECT type || ' ' || identity FROM pg_identify_object('pg_operator'::regclass, o.oid, 0)),
+        'function ' || o.oprcode::regprocedure
         FROM pg_operator o, s WHERE o.oprnamespace = s.oid
-      UNION ALL SELECT pg_describe_object('pg_proc'::regclass, p.oid, 0), CASE p.prokind WHEN 'a' THEN 'aggregate'
+      UNION ALL SELECT (SELECT type || ' ' || identity FROM pg_identify_object('pg_proc'::regclass, p.oid, 0)),
+        CASE p.prokind WHEN 'a' THEN 'aggregate'
         ELSE 'window function' END FROM pg_proc p, s WHERE p.pronamespace = s.oid AND p.prokind IN ('a', 'w')
-      UNION ALL SELECT pg_describe_object('pg_constraint'::regclass, k.oid, 0), pg_get_constraintdef(k.oid)
+      UNION ALL SELECT (SELECT type || ' ' || identity FROM pg_identify_object('pg_constraint'::regclass, k.oid, 0)),
+        pg_get_constraintdef(k.oid)
         FROM pg_constraint k, s WHERE k.connamespace = s.oid AND k.contypid <> 0 AND k.contype <> 'n'
-      UNION ALL SELECT pg_describe_object(y.classid, y.objid, 0), '' FROM (
+      UNION ALL SELECT (SELECT type || ' ' || identity FROM pg_identify_object(y.classid, y.objid, 0)), '' FROM (
           SELECT 'pg_collation'::regclass, x.oid FROM pg_collation x, s WHERE x.collnamespace = s.oid
           UNION ALL SELECT 'pg_conversion'::regclass, x.oid FROM pg_conversion x, s WHERE x.connamespace = s.oid
           UNION ALL SELECT 'pg_opclass'::regclass, x.oid FROM pg_opclass x, s WHERE x.opcnamespace = s.oid
@@ -112,7 +117,7 @@ SELECT json_build_object(
   'creators', (SELECT CASE WHEN EXISTS (SELECT FROM aclexplode(s.nspacl) WHERE grantee = 0 AND privilege_type = 'CREATE')
       THEN '["PUBLIC"]'::json ELSE (SELECT coalesce(json_agg(r.rolname ORDER BY r.rolname), '[]') FROM pg_roles r
         WHERE has_schema_privilege(r.oid, s.oid, 'CREATE') AND NOT r.rolsuper
-        AND NOT pg_has_role(r.oid, s.nspowner, 'MEMBER') AND r.rolname NOT LIKE 'pg\\_%%') END FROM s),
+        AND NOT pg_has_role(r.oid, s.nspowner, 'MEMBER') AND left(r.rolname, 3) <> 'pg_') END FROM s),
   'schema', %(schema)s)
 """
 

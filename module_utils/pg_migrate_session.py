@@ -46,9 +46,10 @@ else:
 SERVER_DOWN_PATTERNS = ("could not connect", "connection refused", "timeout expired", "could not translate host",
                         "no such file or directory", "the database system is starting up",
                         "the database system is shutting down", "the database system is in recovery mode",
-                        "server closed the connection unexpectedly")
+                        "server closed the connection unexpectedly", "no route to host", "network is unreachable",
+                        "connection timed out", "connection reset by peer", "could not send ssl negotiation packet")
 # libpq's words when TLS cannot be set up as ssl_mode asks: a setting to fix, not a server to wait for.
-TLS_PATTERNS = ("does not support ssl", "certificate", "ssl error", "sslmode", "ssl negotiation", "tlsv1", "ssl/tls")
+TLS_PATTERNS = ("does not support ssl", "certificate", "ssl error", "sslmode", "tlsv1", "ssl/tls")
 # libpq's words when the server asks for an authentication method that require_auth or channel_binding refuse.
 AUTH_METHOD_PATTERNS = ("authentication method requirement", "channel binding required", "channel binding is required")
 # How the server finds out that the module is gone (SIGKILL, the OOM killer, a dead network) while a statement
@@ -56,13 +57,12 @@ AUTH_METHOD_PATTERNS = ("authentication method requirement", "channel binding re
 # statement (PostgreSQL 14+), and TCP keepalives find a peer that stopped answering.
 GUARDS = {"client_connection_check_interval": "2s", "tcp_keepalives_idle": "30", "tcp_keepalives_interval": "10",
           "tcp_keepalives_count": "3"}
-# The client's side of the same: keepalives, and unacknowledged data abandoned after 60 s.
-CLIENT_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
-                     "tcp_user_timeout": 60000}
+# The client's side of the same: keepalives, and unacknowledged data abandoned after 60 s (libpq 12+).
+CLIENT_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 # The run's timeouts and guards for the session; the timeouts' values are the module's options.
 TIMEOUTS = ("set_config('lock_timeout', %(lock_timeout)s, false), "
             "set_config('statement_timeout', %(statement_timeout)s, false), "
-            + ", ".join(f"set_config('{name}', '{value}', false)" for name, value in GUARDS.items()))
+            + ", ".join(f"set_config('{name}', %({name})s, false)" for name in GUARDS))
 # What a file may leave behind in the session; the next file starts without it, as with `psql -f` per file,
 # then the run's timeouts again. (DISCARD ALL would also release the migration lock.)
 RESET_SESSION = ("SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; RESET ALL; DEALLOCATE ALL; CLOSE ALL; "
@@ -104,6 +104,8 @@ def classify_connect_error(message: str) -> str:
     low = message.lower()
     if any(p in low for p in AUTH_METHOD_PATTERNS):
         return "auth_method"
+    if any(p in low for p in SERVER_DOWN_PATTERNS):  # before TLS: a reset during the TLS handshake is a restart
+        return "down"
     if any(p in low for p in TLS_PATTERNS):
         return "tls"
     if "does not exist" in low and "database" in low:
@@ -257,7 +259,8 @@ def watch_controller(conn_of: Callable[[], object], controller: int | None, tick
 
     def watch_server() -> None:  # a thread of its own: a hung server must not delay the checks above
         while True:
-            tick()
+            with contextlib.suppress(Exception):  # a connection closed meanwhile: the next tick sees the new one
+                tick()
             time.sleep(interval)
 
     def wait_for_signal() -> None:
@@ -308,15 +311,22 @@ class Session:
         self.unanswered = 0  # consecutive liveness checks the server did not answer
         self.checked_at = 0.0
         self.address: tuple[str, int] | None = None
+        self.guards: dict[str, str | None] = dict(GUARDS)  # None: the server refused it (see connect)
+        self.libpq = psycopg2.extensions.libpq_version()
         self.auth_settings = self.libpq_auth_settings()
 
     def libpq_auth_settings(self) -> dict:
-        """require_auth and channel_binding as this host's libpq takes them; a warning where it cannot."""
-        version = psycopg2.__libpq_version__
+        """require_auth and channel_binding as the libpq loaded here takes them (not the one psycopg2 was
+        built against); a warning where it cannot enforce them."""
+        version = self.libpq
         settings = {"channel_binding": self.p["channel_binding"]} if version >= 130000 else {}
+        if self.p["channel_binding"] == "require" and version < 130000:
+            self.warn(f"channel_binding require is not enforced: this host's libpq is {version // 10000}, and "
+                      "channel binding needs 13 or newer")
         if self.p["require_auth"] and version >= 160000:
             settings["require_auth"] = self.p["require_auth"]
-        elif self.p["require_auth"] and self.p["ssl_mode"] != "verify-full" and self.p["channel_binding"] != "require":
+        elif self.p["require_auth"] and self.p["ssl_mode"] != "verify-full" and \
+                not (self.p["channel_binding"] == "require" and version >= 130000):
             self.warn(f"{self.named('require_auth')} ({self.p['require_auth']}) is not enforced: this host's psycopg2 "
                       f"uses libpq {version // 10000}, and require_auth needs 16 or newer. Whatever answers on the "
                       "server's port can ask for the password in clear text. Install a psycopg2 built on a newer "
@@ -341,9 +351,12 @@ class Session:
                   "application_name": self.p["application_name"],
                   "target_session_attrs": "read-write" if writable else "any"}
         kwargs.update(CLIENT_KEEPALIVES)
+        if self.libpq >= 120000:
+            kwargs["tcp_user_timeout"] = 60000
         if self.startup_options:
-            settings = {"lock_timeout": self.p["lock_timeout"], "statement_timeout": self.p["statement_timeout"], **GUARDS}
-            kwargs["options"] = " ".join(f"-c {name}={value}" for name, value in settings.items())
+            settings = {"lock_timeout": self.p["lock_timeout"], "statement_timeout": self.p["statement_timeout"],
+                        **self.guards}
+            kwargs["options"] = " ".join(f"-c {name}={value}" for name, value in settings.items() if value is not None)
         if on:
             kwargs.update(host=on[0], port=on[1])
         if self.p["login_password"]:
@@ -369,6 +382,10 @@ class Session:
             except psycopg2.OperationalError as exc:
                 if self.startup_options and "unsupported startup parameter: options" in str(exc):
                     self.startup_options = False  # PgBouncer's default: connect without, set them by SQL
+                    continue
+                if self.guards["client_connection_check_interval"] and "client_connection_check_interval" in str(exc):
+                    # PostgreSQL 13 (refused below, by version), or a platform without the check (Windows)
+                    self.guards["client_connection_check_interval"] = None
                     continue
                 reason = classify_connect_error(str(exc))
                 if reason == "standby" and self.verify and writable:
@@ -447,7 +464,7 @@ class Session:
         conn, wait = self.conn, self.p["connect_timeout"]
         since = getattr(conn, "running_since", None) if conn is not None else None
         now = time.monotonic()
-        if since is None or now - since < wait:
+        if not wait or since is None or now - since < wait:  # 0: libpq's "no limit", and no watch either
             self.unanswered = 0
             return
         if now - self.checked_at < wait:
@@ -457,14 +474,14 @@ class Session:
             probe = self._connect_once(self.p["login_db"], writable=False, on=self.address, async_=True)
         except psycopg2.Error:
             return  # refused or failed at once: the server's or the network's own error reaches the statement
-        try:
-            answered = wait_ready(probe, now + wait)
+        try:  # at least 5 s: a busy server's fork and SCRAM login are not a hang
+            answered = wait_ready(probe, now + max(wait, 5))
         except psycopg2.Error:
             answered = True
         finally:
             probe.close()
         self.unanswered = 0 if answered else self.unanswered + 1
-        if self.unanswered >= 2:
+        if self.unanswered >= 2 and self.conn is conn and conn.running_since == since:  # still that statement
             self.stalled = (f"the server stopped answering: the statement ran {round(now - since)} s, and a new "
                             f"connection got no reply within {wait} s, twice ({self.named('connect_timeout')}), so "
                             "pg_migrate closed the connection; check the host")
@@ -472,7 +489,9 @@ class Session:
                 socket.socket(fileno=os.dup(conn.fileno())).shutdown(socket.SHUT_RDWR)
 
     def timeouts(self) -> dict:
-        return {"lock_timeout": self.p["lock_timeout"], "statement_timeout": self.p["statement_timeout"]}
+        """The values of TIMEOUTS: the run's timeouts and the guards (0 for a check the server cannot make)."""
+        return {"lock_timeout": self.p["lock_timeout"], "statement_timeout": self.p["statement_timeout"],
+                **{name: "0" if value is None else value for name, value in self.guards.items()}}
 
     def shared_session(self) -> MigrationError:
         return MigrationError(
@@ -496,12 +515,12 @@ class Session:
                     f"that each deploy finds the current primary ({first_line(error)})")
         if reason == "auth_method":
             setting = self.p["require_auth"] or "libpq's default"
-            return (f"PostgreSQL at {where} asked for the password in a way that {self.named('require_auth')} "
-                    f"({setting}, channel_binding {self.p['channel_binding']}) does not allow, so it was not sent: "
-                    f"{first_line(error)}. If this is your server, have its pg_hba.conf use scram-sha-256 for "
+            return (f"PostgreSQL at {where} authenticates {user!r} in a way that {self.named('require_auth')} "
+                    f"({setting}, channel_binding {self.p['channel_binding']}) does not accept, so no password was "
+                    f"sent: {first_line(error)}. If this is your server, have its pg_hba.conf use scram-sha-256 for "
                     f"{user!r} (and set the password again, so that it is stored as SCRAM), or set "
-                    f"{self.named('require_auth')} to the method it uses; if it is not, something else is "
-                    "answering on that port")
+                    f"{self.named('require_auth')} to the method it uses (scram-sha-256,none where it trusts this "
+                    "host); if it is not, something else is answering on that port")
         if reason == "tls":
             return (f"TLS with PostgreSQL at {where} could not be set up as {self.named('ssl_mode')} "
                     f"({self.p['ssl_mode']}) asks: {first_line(error)}. Check the server's ssl setting and "
@@ -662,7 +681,9 @@ class Session:
             "coalesce(round(extract(epoch FROM now() - a.xact_start))::text, '?') "
             "FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace "
             "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.granted AND l.mode = 'AccessExclusiveLock' "
-            "AND l.pid <> pg_backend_pid() AND n.nspname = %s ORDER BY 1, 2", (self.schema,))
+            "AND l.pid <> pg_backend_pid() AND n.nspname = %s "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY 1, 2",
+            (self.schema,))
         if not rows:
             return "a table was locked while its definition was read (the holder has released it since)"
         return "; ".join(f"table {rel} is locked by pid {pid} (user {user}, application {app!r}, {state}, "

@@ -277,12 +277,12 @@ def read_migrations(folder: Path) -> dict[str, str]:
 
 
 def run_module(tmp_path: Path, module: str, params: dict, check: bool = False, diff: bool = False,
-               verbosity: int = 0, env: dict | None = None) -> tuple[dict, Result]:
+               verbosity: int = 0, env: dict | None = None, interpreter: str = sys.executable) -> tuple[dict, Result]:
     """Run one module task through ansible-playbook on localhost; return its result and the run."""
     book = tmp_path / f"play-{uuid.uuid4().hex[:6]}.yml"
     task = {"name": "Run the module", module: params, "register": "out"}
     book.write_text(json.dumps([{"hosts": "localhost", "gather_facts": False, "tasks": [task]}]))
-    args = ["-i", "localhost,", "-c", "local", "-e", json.dumps({"ansible_python_interpreter": sys.executable})]
+    args = ["-i", "localhost,", "-c", "local", "-e", json.dumps({"ansible_python_interpreter": interpreter})]
     args += ["--check"] * check + ["--diff"] * diff + ([f"-{'v' * verbosity}"] if verbosity else [])
     res = run_playbook(book, args=args, env={"ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json",
                                              "ANSIBLE_CALLBACK_RESULT_FORMAT": "json", **(env or {})})

@@ -291,18 +291,20 @@ def test_a_large_migration_file_swapped_on_the_target_is_refused_and_never_runs(
 
     thread = threading.Thread(target=attacker, daemon=True)
     thread.start()
+    slow_start = tmp_path / "python"  # the module starts a second after the transfer: she always wins the race
+    slow_start.write_text(f"#!/bin/sh\nsleep 1\nexec {sys.executable} \"$@\"\n")
+    slow_start.chmod(0o755)
     try:
         res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations=big_migration("big"), schema="public",
                                                                     expected_tables=None),
-                              env={"ANSIBLE_REMOTE_TMP": str(remote_tmp)})
+                              env={"ANSIBLE_REMOTE_TMP": str(remote_tmp)}, interpreter=str(slow_start))
     finally:
         stop.set()
         thread.join()
     assert swapped, "the attacker never saw the file: the test proves nothing"
     assert "pwned" not in db.tables(schema="public"), run.output
-    if run.rc != 0:  # she won the race: refused before anything ran, nothing recorded
-        assert "does not hold what the controller sent" in res["msg"], res
-        assert not db.query("SELECT to_regclass('public.big')")[0][0]
+    assert run.rc != 0 and "does not hold what the controller sent" in res["msg"], res  # refused, nothing ran
+    assert not db.query("SELECT to_regclass('public.big')")[0][0]
     assert not [p for p in remote_tmp.rglob("*") if p.is_file()]
 
 

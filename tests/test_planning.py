@@ -201,3 +201,16 @@ def test_a_migration_whose_extension_is_not_lower_case_sql_is_refused_not_skippe
     (tmp_path / "024_b.SQL").write_text("SELECT 1;")
     with pytest.raises(AnsibleError, match=r"024_b\.SQL ends in \.SQL: .* rename it to 024_b\.sql"):
         load_library("migration_files", "roles/stock_monitoring_db/lookup_plugins").read_migrations(str(tmp_path))
+
+
+@pytest.mark.parametrize("statement, once", [
+    ("/* c */ DO $$BEGIN COMMIT; END$$", "may_commit"),
+    ("CALL stock_monitoring.step()", "may_commit"),
+    ("CREATE UNIQUE INDEX CONCURRENTLY i ON t (a)", "concurrently"),
+    ("REINDEX (VERBOSE, TABLESPACE t, CONCURRENTLY) INDEX i", "concurrently"),
+    ("ALTER TABLE p DETACH PARTITION p1 CONCURRENTLY", "concurrently"),
+    ("REFRESH MATERIALIZED VIEW CONCURRENTLY v", None),
+    ("-- CONCURRENTLY in a comment\nALTER TABLE t ADD COLUMN c int", None),
+])
+def test_statements_that_must_not_run_twice_are_known_by_their_tokens(statement, once):
+    assert sql.run_once(statement) == once

@@ -198,8 +198,12 @@ def test_become_on_the_command_line_does_not_reach_the_report(tmp_path, db, ssh_
 def test_a_host_whose_libpq_cannot_refuse_a_cleartext_request_is_warned(db, ssh_host, runner_temp):
     """Debian 12's python3-psycopg2 is built on libpq 15, which has no require_auth: the deploy says the
     protection is off there and how to get it, rather than implying it."""
+    libpq = int(subprocess.run(["/usr/bin/python3", "-c", "import psycopg2.extensions as e; print(e.libpq_version())"],
+                               capture_output=True, text=True, check=True).stdout)
+    if libpq >= 160000:
+        pytest.skip(f"this host's libpq is {libpq // 10000}, which enforces require_auth")
     ssh_host.write_env(env_text(db))
     res = run_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=ssh_host.inventory)
     assert res.rc == 0, res.output
-    assert "stock_monitoring_db_require_auth (scram-sha-256) is not enforced: this host's psycopg2 uses libpq 15" \
-        in " ".join(res.output.split()), res.output
+    assert "stock_monitoring_db_require_auth (scram-sha-256) is not enforced: this host's psycopg2 uses libpq " \
+        f"{libpq // 10000}" in " ".join(res.output.split()), res.output

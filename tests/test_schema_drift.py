@@ -252,7 +252,8 @@ def test_an_operator_planted_by_a_role_with_create_on_the_schema_is_drift_and_so
         assert rows == [("bob",)]  # the attack works: what verify must catch
         res = play(tmp_path, db, "verify-db.yml")
         out = said(res.output)
-        assert res.rc != 0 and "operator stock_monitoring.=(text,text): not in the schema file" in out, out
+        assert res.rc != 0, out
+        assert "operator stock_monitoring.=(pg_catalog.text,pg_catalog.text): not in the schema file" in out, out
         assert "function stock_monitoring.neq(text,text): not in the schema file" in out, out
         assert f"schema stock_monitoring: role {mallory} can CREATE in it and is not its owner" in out, out
     finally:
@@ -297,12 +298,15 @@ def test_a_large_schema_file_travels_as_a_file_and_costs_little(tmp_path, db):
     content["comment"] = "x" * (20 << 20)
     big = tmp_path / "schema.json"
     big.write_text(json.dumps(content))
-    began = time.monotonic()
-    assert play(tmp_path, db).rc == 0
-    small = time.monotonic() - began
-    began = time.monotonic()
-    res = play(tmp_path, db, "verify-db.yml", extra={"stock_monitoring_db_schema_file": str(big)})
-    large = time.monotonic() - began
-    assert res.rc == 0 and "schema: matches the schema file" in res.output, res.output
+    small, large = [], []
+    for _ in range(2):  # alternating, the best of each: load on the machine weighs on both alike
+        began = time.monotonic()
+        assert play(tmp_path, db, "verify-db.yml").rc == 0
+        small.append(time.monotonic() - began)
+        began = time.monotonic()
+        res = play(tmp_path, db, "verify-db.yml", extra={"stock_monitoring_db_schema_file": str(big)})
+        large.append(time.monotonic() - began)
+        assert res.rc == 0 and "schema: matches the schema file" in res.output, res.output
+    small, large = min(small), min(large)
     # Inline it was 3.1 times a run without it here (+3.8 s; +13 s on a slower host); as a file, 1.4 times.
     assert large < 2 * small + 1, (small, large)

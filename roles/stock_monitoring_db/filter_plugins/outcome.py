@@ -153,6 +153,8 @@ def report_problem(path: str) -> str:
     folder = os.path.dirname(target)
     if os.path.isdir(target):
         why = "it is a directory"
+    elif os.path.exists(target) and not os.access(target, os.W_OK):
+        why = "it exists and is not writable"
     elif not os.path.isdir(folder):
         why = f"its directory {folder} does not exist"
     elif not os.access(folder, os.W_OK | os.X_OK):
