@@ -275,7 +275,7 @@ class ActionModule(ActionBase):
                                     "for the Python of ansible-playbook: pip install -r requirements.txt")
         # The internal options are this plugin's to set, never the task's.
         args = {key: value for key, value in self._task.args.items() if key not in INTERNAL_OPTIONS}
-        migrations = args.get("migrations")
+        migrations = args.get("migrations", {})
         if not isinstance(migrations, dict) or not all(isinstance(text, str) for text in migrations.values()):
             raise AnsibleActionFail("pg_migrate: migrations must be a mapping of file name to SQL text")
         findings = {name: found for name, text in migrations.items() if (found := analyse(str(name), text))}

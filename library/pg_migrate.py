@@ -55,27 +55,33 @@ version_added: "1.0.0"
 author:
   - Stock Monitoring team (@stock-monitoring)
 options:
+  env_file:
+    description:
+      - A C(.env) file on the target host, read as python-dotenv (1.2) reads it, whose C(POSTGRES_HOST),
+        C(POSTGRES_PORT), C(POSTGRES_USER), C(POSTGRES_PASSWORD) and C(POSTGRES_DB) are the connection
+        settings, each replaced by its O(login_host), O(login_port), O(login_user), O(login_password) or
+        O(login_db) option when that is set. The keys without such an option must be in the file.
+      - Read on the host by the module itself, so that the password never travels to the controller.
+        A problem names the file, the line or the key, never a value.
+      - Without it, the options or their defaults (C(localhost), C(5432), C(postgres), no password) are used,
+        and O(login_db) is required.
+    type: path
   login_host:
     description: Host of the PostgreSQL server (a name, an address, or a Unix socket directory).
     type: str
-    default: localhost
   login_port:
     description: Port of the PostgreSQL server.
     type: int
-    default: 5432
   login_user:
     description: Role to log in as. It owns what the migrations create.
     type: str
-    default: postgres
   login_password:
     description:
       - Password of O(login_user). Never returned, logged or stored in the history table.
     type: str
-    default: ""
   login_db:
-    description: The database the migrations apply to.
+    description: The database the migrations apply to; required without O(env_file).
     type: str
-    required: true
   maintenance_db:
     description:
       - Database used when O(login_db) does not exist, to tell a missing database from a server or
@@ -124,8 +130,16 @@ options:
         file's SQL text. They run in numeric order of version.
       - The module's action plugin reads them on the controller with PostgreSQL's parser. Large sets
         travel as a temporary file on the target host, removed after the run; they hold no secret.
+      - Required, unless O(drop_schema) is set.
     type: dict
-    required: true
+    default: {}
+  drop_schema:
+    description:
+      - Instead of migrating, drop O(schema) with everything in it, its history table included, under the
+        migration lock (C(DROP SCHEMA ... CASCADE)), as a development rollback. In check mode, only says
+        whether it would.
+    type: bool
+    default: false
   schema:
     description:
       - Schema the migrations manage. It holds the history table and is the schema whose tables
@@ -351,6 +365,16 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+login:
+  description:
+    - The connection settings used, from O(env_file) and the options, without the password.
+  returned: always, once the settings are known
+  type: dict
+  sample: {host: db.internal, port: 5432, user: app, database: stock_monitoring}
+dropped:
+  description: Whether O(schema) was dropped (in check mode, would be).
+  returned: when O(drop_schema) is set
+  type: bool
 database_exists:
   description:
     - Whether O(login_db) exists after this run (created by it or by a concurrent run); in check
@@ -475,6 +499,7 @@ import time
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.pg_migrate_dotenv import DotenvError, read_login
 from ansible.module_utils.pg_migrate_plan import (
     MigrationError,
     first_line,
@@ -488,11 +513,12 @@ from ansible.module_utils.pg_migrate_session import PSYCOPG2_IMPORT_ERROR, Sessi
 
 DURATION_OPTIONS = ("lock_timeout", "statement_timeout")
 ARGUMENT_SPEC = {
-    "login_host": {"type": "str", "default": "localhost"},
-    "login_port": {"type": "int", "default": 5432},
-    "login_user": {"type": "str", "default": "postgres"},
-    "login_password": {"type": "str", "default": "", "no_log": True},
-    "login_db": {"type": "str", "required": True},
+    "env_file": {"type": "path"},
+    "login_host": {"type": "str"},
+    "login_port": {"type": "int"},
+    "login_user": {"type": "str"},
+    "login_password": {"type": "str", "no_log": True},
+    "login_db": {"type": "str"},
     "maintenance_db": {"type": "str", "default": "postgres"},
     "ssl_mode": {"type": "str", "default": "prefer",
                  "choices": ["allow", "disable", "prefer", "require", "verify-ca", "verify-full"]},
@@ -501,7 +527,8 @@ ARGUMENT_SPEC = {
     "channel_binding": {"type": "str", "default": "prefer", "choices": ["disable", "prefer", "require"]},
     "connect_timeout": {"type": "int", "default": 10},
     "wait_timeout": {"type": "int", "default": 0},
-    "migrations": {"type": "dict", "required": True},
+    "migrations": {"type": "dict", "default": {}},
+    "drop_schema": {"type": "bool", "default": False},
     "schema": {"type": "str", "default": "public"},
     "history_table": {"type": "str", "default": "pg_migrate_history"},
     "expected_tables": {"type": "list", "elements": "str"},
@@ -548,6 +575,33 @@ def require_auth_problem(value: str) -> str | None:
     if unknown:
         return f"{', '.join(unknown)} is not a libpq method ({', '.join(AUTH_METHODS)}, each with or without '!')"
     return None
+
+
+LOGIN_OPTIONS = {"POSTGRES_HOST": "login_host", "POSTGRES_PORT": "login_port", "POSTGRES_USER": "login_user",
+                 "POSTGRES_PASSWORD": "login_password", "POSTGRES_DB": "login_db"}
+LOGIN_DEFAULTS = {"login_host": "localhost", "login_port": 5432, "login_user": "postgres", "login_password": ""}
+
+
+def resolve_login(params: dict) -> str | None:
+    """Fill the login options from env_file (or their defaults) in params; what is wrong, or None."""
+    if params["env_file"]:
+        try:
+            login = read_login(params["env_file"], {key: params[option] for key, option in LOGIN_OPTIONS.items()})
+        except DotenvError as exc:
+            return str(exc)
+        params.update({option: login[key] for key, option in LOGIN_OPTIONS.items()})
+        params["login_port"] = int(params["login_port"])
+    else:
+        if not params["login_db"]:
+            return "login_db is required when env_file is not given"
+        params.update({option: value for option, value in LOGIN_DEFAULTS.items() if params[option] is None})
+    return None
+
+
+def login_of(params: dict) -> dict:
+    """The connection settings that are not secret, as the result reports them."""
+    return {"host": params["login_host"], "port": params["login_port"], "user": params["login_user"],
+            "database": params["login_db"]}
 
 
 def input_problem(params: dict) -> str | None:
@@ -615,42 +669,52 @@ def diff_of(result: dict, ran: list) -> dict:
 
 def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    problem = resolve_login(module.params)
+    if problem:
+        module.fail_json(msg=problem)
+    if module.params["login_password"]:  # read from the .env after Ansible took the no_log values: add it
+        module.no_log_values.add(module.params["login_password"])
+    login = login_of(module.params)
     if psycopg2 is None:
         # Nothing can be compared with the database: name the files, so that a plan can list them.
         try:
             files = sorted(read_migrations(module.params)[0])
         except MigrationError as exc:
-            module.fail_json(msg=exc.msg)
+            module.fail_json(msg=exc.msg, login=login)
         module.fail_json(msg=missing_required_lib("psycopg2"), missing_library="psycopg2", files=files,
-                         exception=PSYCOPG2_IMPORT_ERROR)
+                         exception=PSYCOPG2_IMPORT_ERROR, login=login)
     problem = input_problem(module.params)
     if problem:
-        module.fail_json(msg=problem)
+        module.fail_json(msg=problem, login=login)
     began = time.monotonic()
     session = Session(module.params, module.check_mode, module.warn)
     watch_controller(lambda: session.conn, module.params["controller_pid"], session.watch_server)
     try:
-        migrations = load_migrations(*read_migrations(module.params))
-        problem = schema_file_problem(module.params["expected_schema"])
-        if problem:
-            raise MigrationError(f"{module.params['option_names'].get('expected_schema', 'expected_schema')}: {problem}")
-        result = session.run(migrations)
+        if module.params["drop_schema"]:
+            result = session.drop_schema()
+        else:
+            migrations = load_migrations(*read_migrations(module.params))
+            problem = schema_file_problem(module.params["expected_schema"])
+            if problem:
+                raise MigrationError(f"{module.params['option_names'].get('expected_schema', 'expected_schema')}: "
+                                     f"{problem}")
+            result = session.run(migrations)
     except MigrationError as exc:
-        module.fail_json(msg=exc.msg, **exc.details)
+        module.fail_json(msg=exc.msg, login=login, **exc.details)
     except psycopg2.Error as exc:
         # Anything the server refused outside a migration file: name what was being done.
         module.fail_json(msg=f"PostgreSQL at {session.where} (database {module.params['login_db']!r}) failed: "
-                             + (session.stalled or f"SQLSTATE {exc.pgcode}: {first_line(str(exc))}"))
+                             + (session.stalled or f"SQLSTATE {exc.pgcode}: {first_line(str(exc))}"), login=login)
     except Exception as exc:
         module.fail_json(msg=f"pg_migrate failed unexpectedly ({type(exc).__name__}: {first_line(str(exc))}); "
                              "this is a bug in pg_migrate: please report it with this message",
-                         exception=traceback.format_exc())
+                         exception=traceback.format_exc(), login=login)
     finally:
         session.close()
     result["duration_ms"] = round((time.monotonic() - began) * 1000, 3)
-    if module._diff:
+    if module._diff and not module.params["drop_schema"]:
         result["diff"] = diff_of(result, session.to_run)
-    module.exit_json(**result)
+    module.exit_json(login=login, **result)
 
 
 if __name__ == "__main__":

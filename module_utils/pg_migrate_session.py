@@ -1007,6 +1007,25 @@ class Session:
                 + "run verify to compare the schema", applied=result["applied"], pending=[]) from None
         return result
 
+    def drop_schema(self) -> dict:
+        """Drop the managed schema with everything in it, the history table too (a development rollback),
+        under the migration lock, so that it never interleaves with a deploy."""
+        result = {"changed": False, "dropped": False, "database_exists": True,
+                  "history_table": f"{self.schema}.{self.table}"}
+        try:
+            self.conn = self.connect(self.p["login_db"], read_only=self.check)
+        except psycopg2.OperationalError:  # the database is missing: nothing to drop
+            result["database_exists"] = False
+            return result
+        result["server_version"] = self.server_version()
+        if self.query("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,)):
+            if not self.check:
+                self.acquire_lock(advisory_key(self.schema, self.table),
+                                  f"{self.schema}.{self.table} in database {self.p['login_db']!r}")
+                self.query(pgsql.SQL("DROP SCHEMA {} CASCADE").format(pgsql.Identifier(self.schema)))
+            result.update(changed=True, dropped=True)
+        return result
+
     def compare_schema(self, applied: dict[str, str]) -> dict:
         """The schema against the canonical file, when the database has exactly the file's migrations."""
         expected = self.p["expected_schema"]

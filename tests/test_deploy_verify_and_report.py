@@ -262,7 +262,7 @@ def test_port_that_is_not_a_number_is_named(tmp_path, db):
 
 
 outcome = load_library("outcome", "roles/stock_monitoring_db/filter_plugins").outcome
-LOGIN = {"POSTGRES_HOST": "db", "POSTGRES_PORT": "5432", "POSTGRES_DB": "app", "POSTGRES_USER": "app"}
+LOGIN = {"login": {"host": "db", "port": 5432, "database": "app", "user": "app"}}
 
 
 @pytest.mark.parametrize("result", [
@@ -271,22 +271,22 @@ LOGIN = {"POSTGRES_HOST": "db", "POSTGRES_PORT": "5432", "POSTGRES_DB": "app", "
     None,
 ])
 def test_a_module_crash_is_reported_as_one_failure_not_a_template_error(result):
-    found = outcome(result, "web1", LOGIN, "stock_monitoring", "deploy", check=False)
+    found = outcome(result, "web1", "stock_monitoring", "deploy", check=False)
     if result:
         assert found["problems"] == ["MODULE FAILURE: See stdout/stderr for the exact error"]
     else:  # nothing, or no message: never a success
         assert found["problems"] == ["pg_migrate returned no usable result (it crashed or was killed before it could "
                                      "report, and nothing it did is known): run again with -vvv to see its output"]
-    assert outcome({"failed": True, "changed": False}, "web1", LOGIN, "s", "verify", check=True)["problems"] != []
-    assert found["summary"][0] == "DEPLOY app.stock_monitoring on db:5432 as app"
+    assert outcome({"failed": True, "changed": False, **LOGIN}, "web1", "s", "verify", check=True)["problems"] != []
+    assert found["summary"][0] == "DEPLOY stock_monitoring on host web1"
     # What the module did not say is left out, not shown as "?" or "none".
     assert not [line for line in found["summary"] if "?" in line or line.startswith(("already applied", "tables"))]
 
 
 def test_a_failed_migration_keeps_what_the_module_knew_in_the_summary():
     result = {"msg": "Migration 024_x.sql failed at line 3: ...", "applied": [], "server_version": "15.18",
-              "pending": [{"name": "024_x.sql"}]}
-    found = outcome(result, "web1", LOGIN, "stock_monitoring", "deploy", check=False)
+              "pending": [{"name": "024_x.sql"}], **LOGIN}
+    found = outcome(result, "web1", "stock_monitoring", "deploy", check=False)
     assert found["problems"] == [result["msg"]] and "(PostgreSQL 15.18)" in found["summary"][0]
     assert "pending (not applied): 024_x.sql" in found["summary"]
     assert found["report"]["failure"] == result["msg"] and found["report"]["database"] == "app"
@@ -294,10 +294,10 @@ def test_a_failed_migration_keeps_what_the_module_knew_in_the_summary():
 
 def test_verify_reports_pending_files_and_drift_and_a_plan_reports_no_problem():
     result = {"pending": [{"name": "024_x.sql"}], "drift": [{"name": "023_y.sql", "kind": "unknown"}],
-              "database_exists": True, "missing_tables": [], "history_table": "s.pg_migrate_history"}
-    assert outcome(result, "h", LOGIN, "s", "verify", check=True)["problems"] == [
+              "database_exists": True, "missing_tables": [], "history_table": "s.pg_migrate_history", **LOGIN}
+    assert outcome(result, "h", "s", "verify", check=True)["problems"] == [
         "pending migrations: 024_x.sql", "drift: 023_y.sql unknown"]
-    assert outcome(result, "h", LOGIN, "s", "deploy", check=True)["problems"] == []
+    assert outcome(result, "h", "s", "deploy", check=True)["problems"] == []
 
 
 def test_messages_name_the_role_variables_a_user_sets(tmp_path, db):
@@ -330,10 +330,10 @@ def test_a_history_row_deleted_by_hand_is_not_answered_with_renumber(tmp_path, d
 def test_verify_fails_when_the_schema_file_cannot_describe_the_server_and_a_deploy_only_says_so():
     result = {"database_exists": True, "schema_compared": False, "schema_file_unusable": True,
               "history_table": "s.pg_migrate_history",
-              "schema_not_compared": "the schema file describes schema 'other', not 's'"}
-    assert outcome(result, "h", LOGIN, "s", "verify", check=True)["problems"] == [
+              "schema_not_compared": "the schema file describes schema 'other', not 's'", **LOGIN}
+    assert outcome(result, "h", "s", "verify", check=True)["problems"] == [
         "schema not compared: the schema file describes schema 'other', not 's'"]
-    assert outcome(result, "h", LOGIN, "s", "deploy", check=False)["problems"] == []
+    assert outcome(result, "h", "s", "deploy", check=False)["problems"] == []
 
 
 def test_a_schema_file_that_does_not_exist_is_named_not_ignored(tmp_path, db):
@@ -364,3 +364,13 @@ def test_a_report_file_that_cannot_be_written_fails_before_anything_runs(tmp_pat
     res = play(tmp_path, db, extra={"stock_monitoring_db_report_file": str(path)})
     assert res.rc != 0 and f"The JSON report {path} cannot be written" in " ".join(res.output.split()), res.output
     assert not db.exists()
+
+
+def test_drop_schema_in_check_mode_changes_nothing_and_a_second_drop_is_not_a_change(tmp_path, db):
+    assert play(tmp_path, db).rc == 0
+    confirm = {"stock_monitoring_db_confirm_drop": "stock_monitoring"}
+    res = play(tmp_path, db, "drop-schema.yml", extra=confirm, args=["--check"])
+    assert res.rc == 0 and recap(res.output)["localhost"]["changed"] == 1 and db.tables(), res.output
+    assert play(tmp_path, db, "drop-schema.yml", extra=confirm).rc == 0 and db.tables() == []
+    res = play(tmp_path, db, "drop-schema.yml", extra=confirm)
+    assert res.rc == 0 and recap(res.output)["localhost"]["changed"] == 0, res.output

@@ -17,11 +17,21 @@ import warnings
 import dotenv
 import dotenv.parser
 import pytest
-from conftest import MIGRATIONS, Db, env_text, load_library, module_params, play, run_module, write_migrations
+from ansible.module_utils import pg_migrate_dotenv as dr
+from conftest import (
+    LOCAL,
+    MIGRATIONS,
+    ROOT,
+    Db,
+    env_text,
+    module_params,
+    play,
+    run_module,
+    run_playbook,
+    write_migrations,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-dr = load_library("dotenv_read")
 
 # Pieces that exercise every rule of the grammar, mixed with arbitrary text.
 PIECES = st.sampled_from([
@@ -266,3 +276,21 @@ def test_a_failing_row_s_values_stay_out_of_the_output_and_the_report(tmp_path, 
     assert res.rc != 0 and "Migration 024_rows.sql failed" in res.output, res.output
     assert "constraint: watchlists_" in res.output, res.output
     assert "alice@example.com" not in res.output and "alice@example.com" not in report.read_text(), res.output
+
+
+def test_no_controller_variable_holds_the_env_password_after_a_deploy(tmp_path, db):
+    """The .env is read on the host by pg_migrate itself: nothing of its password comes back, so no host
+    variable, callback or debug task on the controller can reach it."""
+    book = tmp_path / "deploy-and-dump.yml"
+    dump = tmp_path / "hostvars.json"
+    book.write_text(json.dumps([{
+        "name": "Deploy, then dump every variable of the host", "hosts": "stock_monitoring_db", "gather_facts": False,
+        "roles": [{"role": str(ROOT / "roles" / "stock_monitoring_db")}],
+        "tasks": [{"name": "Dump", "ansible.builtin.copy": {
+            "content": "{{ hostvars[inventory_hostname] | to_json }}\n{{ vars | to_json }}", "dest": str(dump)},
+            "delegate_to": "localhost", "vars": {"role_path": str(ROOT / "roles" / "stock_monitoring_db")}}]}]))
+    env_file = tmp_path / ".env"
+    env_file.write_text(env_text(db))
+    res = run_playbook(book, inventory=LOCAL, env={"STOCK_MONITORING_DB_ENV_FILE": str(env_file)})
+    assert res.rc == 0 and "applied: 022_stock_monitoring_schema.sql" in res.output, res.output
+    assert dump.exists() and db.cluster.password not in dump.read_text()

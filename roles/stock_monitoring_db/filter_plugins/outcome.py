@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 
-def outcome(result: dict | None, host: str, login: dict, schema: str, mode: str, check: bool, diff: bool = False,
+def outcome(result: dict | None, host: str, schema: str, mode: str, check: bool, diff: bool = False,
             psycopg2_installed: bool = False, psycopg2_package: str = "python3-psycopg2",
             drift_fails: bool = False) -> dict:
     """{'report': the JSON report of this host, 'summary': lines to read, 'problems': what is wrong}."""
@@ -26,11 +26,12 @@ def outcome(result: dict | None, host: str, login: dict, schema: str, mode: str,
         # A crash, a killed module, or no run at all: not a success, whatever else the result lacks.
         failure = ("pg_migrate returned no usable result (it crashed or was killed before it could report, and "
                    "nothing it did is known): run again with -vvv to see its output")
+    login = result.get("login") if isinstance(result.get("login"), dict) else {}  # pg_migrate's, never a secret
     report = {
         "host": host,
-        "server": f"{login.get('POSTGRES_HOST', '?')}:{login.get('POSTGRES_PORT', '?')}",
-        "database": login.get("POSTGRES_DB", "?"),
-        "user": login.get("POSTGRES_USER", "?"),
+        "server": f"{login['host']}:{login['port']}" if login else None,
+        "database": login.get("database"),
+        "user": login.get("user"),
         "schema": schema,
         "mode": run_mode,
         # The task registers with failed_when: false, so any message is a failure: success has none.
@@ -64,8 +65,11 @@ def outcome(result: dict | None, host: str, login: dict, schema: str, mode: str,
 def summary(report: dict, result: dict, planning: bool, diff: bool, psycopg2_package: str) -> list[str]:
     """One line per fact worth reading; with --diff, then the SQL that ran or would run."""
     version = f" (PostgreSQL {report['server_version']})" if report["server_version"] else ""
-    lines = [f"{report['mode'].upper()} {report['database']}.{report['schema']} on {report['server']} as "
-             f"{report['user']}{version}"]
+    if report["server"]:
+        lines = [f"{report['mode'].upper()} {report['database']}.{report['schema']} on {report['server']} as "
+                 f"{report['user']}{version}"]
+    else:  # pg_migrate said nothing (a crash, an unreachable host): only the inventory's name is known
+        lines = [f"{report['mode'].upper()} {report['schema']} on host {report['host']}"]
     if report["database_created"]:
         lines.append("database: created")
     elif planning and report["database_exists"] is False:

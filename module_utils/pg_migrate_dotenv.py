@@ -1,90 +1,15 @@
-#!/usr/bin/python
 # Copyright: (c) 2026, Stock Monitoring team
 # MIT License (see LICENSE)
+"""The backend's .env file, read on the host as python-dotenv (1.2) reads it, and the connection settings
+it holds. Messages name the file, the line or the key, never a value."""
 
 from __future__ import annotations
-
-DOCUMENTATION = r"""
----
-module: dotenv_read
-short_description: Read keys from a .env file on the target host, by python-dotenv's rules
-description:
-  - Reads a C(.env) file the way the backend's python-dotenv (1.2) does - an optional C(export)
-    prefix, C(#) comments, single and double quotes with their escapes, values spanning lines,
-    C(${VAR}) and C(${VAR:-default}) expansion from earlier keys and then the environment, a BOM,
-    CRLF line endings, and the last of duplicate keys winning.
-  - Unlike python-dotenv, which skips a line it cannot parse with a warning, a line that cannot be
-    parsed fails the task, naming the file and the line number (never its content).
-  - Values are returned. The module's action plugin marks its result hidden, as C(no_log) would, so
-    the task needs no C(no_log), which would also hide why a host could not be reached. Failure
-    messages never contain a value.
-  - Anything but a regular file (a directory, a FIFO, a device) is refused without being read, and a
-    directory on the path that the user cannot enter is named as such, not as a missing file.
-version_added: "1.0.0"
-author:
-  - Stock Monitoring team (@stock-monitoring)
-options:
-  path:
-    description: Path of the C(.env) file on the target host.
-    type: path
-    required: true
-  keys:
-    description:
-      - Keys to return. Others are parsed (so that a broken file fails) but not returned.
-      - When omitted, every key is returned.
-    type: list
-    elements: str
-  required:
-    description:
-      - Keys that must be present with a non-empty value. When some are not, the task fails naming
-        the file and every such key.
-      - When every key of O(keys) is satisfied elsewhere, pass an empty list; a missing file is then
-        not an error.
-    type: list
-    elements: str
-    default: []
-attributes:
-  check_mode:
-    description: Can run in check mode and return a changed status prediction without modifying the target.
-    support: full
-  diff_mode:
-    description: Returns details on what has changed (or would change in check mode) when in diff mode.
-    support: none
-"""
-
-EXAMPLES = r"""
-- name: Read the database settings of the backend
-  dotenv_read:
-    path: /opt/stock-monitoring/.env
-    keys: [POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB]
-    required: [POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB]
-  register: env
-"""
-
-RETURN = r"""
-values:
-  description: The keys found (of O(keys) when given) and their values, after expansion.
-  returned: success
-  type: dict
-  sample: {POSTGRES_HOST: db.internal, POSTGRES_PORT: "5432"}
-exists:
-  description: Whether the file exists.
-  returned: success
-  type: bool
-missing:
-  description: Keys of O(keys) that the file does not set.
-  returned: success
-  type: list
-  elements: str
-"""
 
 import codecs
 import os
 import pwd
 import re
 import stat
-
-from ansible.module_utils.basic import AnsibleModule
 
 # python-dotenv's grammar (dotenv/parser.py, 1.2.x).
 _MULTILINE_WHITESPACE = re.compile(r"\s*", re.MULTILINE)
@@ -217,34 +142,39 @@ def read_file(path: str) -> str | None:
             raise DotenvError(f"{path} is not UTF-8 text (invalid byte at offset {exc.start}): save it as UTF-8") from None
 
 
-def main() -> None:
-    module = AnsibleModule(
-        argument_spec={
-            "path": {"type": "path", "required": True},
-            "keys": {"type": "list", "elements": "str", "no_log": False},
-            "required": {"type": "list", "elements": "str", "default": []},
-        },
-        supports_check_mode=True,
-    )
-    path, keys, required = module.params["path"], module.params["keys"], module.params["required"]
-    try:
-        text = read_file(path)
-        values = expand(parse(text, path), dict(os.environ)) if text is not None else {}
-    except DotenvError as exc:
-        module.fail_json(msg=str(exc))
+# The backend's connection settings, in the order a message lists them.
+LOGIN_KEYS = ("POSTGRES_HOST", "POSTGRES_PORT", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB")
+PORT_RE = re.compile(r"^[0-9]{1,5}$")
+
+
+def read_values(path: str, keys: list[str] | None, required: list[str]) -> tuple[bool, dict[str, str]]:
+    """Whether the file exists, and the keys it sets (of `keys`, or all) with a value; DotenvError when it
+    cannot be read or parsed, or lacks a required key. A missing file is fine when nothing is required."""
+    text = read_file(path)
     if text is None:
         if required:
-            module.fail_json(msg=f"The .env file {path} does not exist on this host; it must set "
-                                 f"{', '.join(required)} (see the README's .env contract)", missing=required)
-        module.exit_json(changed=False, exists=False, values={}, missing=list(keys or []))
-    wanted = keys if keys is not None else list(values)
-    found = {k: values[k] for k in wanted if values.get(k) is not None}
+            raise DotenvError(f"The .env file {path} does not exist on this host; it must set "
+                              f"{', '.join(required)} (see the README's .env contract)")
+        return False, {}
+    values = expand(parse(text, path), dict(os.environ))
+    found = {k: v for k in (keys if keys is not None else list(values)) if (v := values.get(k)) is not None}
     absent = [k for k in required if not found.get(k)]
     if absent:
-        module.fail_json(msg=f"The .env file {path} does not set {', '.join(absent)} (missing or empty): add "
-                             f"{'them' if len(absent) > 1 else 'it'} as KEY=value lines", missing=absent)
-    module.exit_json(changed=False, exists=True, values=found, missing=[k for k in wanted if k not in found])
+        raise DotenvError(f"The .env file {path} does not set {', '.join(absent)} (missing or empty): add "
+                          f"{'them' if len(absent) > 1 else 'it'} as KEY=value lines")
+    return True, found
 
 
-if __name__ == "__main__":
-    main()
+def read_login(path: str, overrides: dict[str, object]) -> dict[str, str]:
+    """The connection settings: the file's POSTGRES_* keys, each replaced by its override when one is set
+    (not None). Only the keys without an override must be in the file."""
+    required = [key for key in LOGIN_KEYS if overrides.get(key) is None]
+    _, values = read_values(path, list(LOGIN_KEYS), required) if required else (False, {})
+    login = {key: str(overrides[key]) if overrides.get(key) is not None else values.get(key, "") for key in LOGIN_KEYS}
+    nul = [key for key, value in login.items() if "\0" in value]
+    if nul:  # libpq takes C strings: the value would end there
+        raise DotenvError(f"{', '.join(nul)} in {path} (or the role variable that overrides it) holds a NUL "
+                          "character, which no PostgreSQL connection can carry: fix the value")
+    if not PORT_RE.match(login["POSTGRES_PORT"]) or not 0 < int(login["POSTGRES_PORT"]) < 65536:
+        raise DotenvError(f"POSTGRES_PORT in {path} is not a port number (digits only, e.g. 5432)")
+    return login
