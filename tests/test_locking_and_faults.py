@@ -273,10 +273,19 @@ class Report:
         cur.execute("SET application_name = 'long-report'")
         cur.execute("SELECT count(*) FROM stock_monitoring.alerts")
 
-    def end_after(self, delay: float) -> threading.Timer:
-        timer = threading.Timer(delay, self.end)
-        timer.start()
-        return timer
+    def end_after_blocking(self, db: Db, delay: float) -> threading.Thread:
+        """End `delay` seconds after the deploy first ran into it (its ALTER of alerts seen in pg_stat_activity):
+        a fixed delay from now would end it before a slow start of ansible-playbook got there."""
+        def run() -> None:
+            wait_for(lambda: bool(db.query("SELECT 1 FROM pg_stat_activity WHERE application_name = %s AND query "
+                                           "LIKE %s", (APP, "%ADD COLUMN note%"), dbname="postgres")),
+                     "the deploy to reach the blocked statement", 120)
+            time.sleep(delay)
+            self.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
 
     def end(self) -> None:
         self.conn.rollback()
@@ -315,7 +324,7 @@ def test_a_migration_blocked_by_a_report_is_retried_and_goes_through_when_the_re
     assert play(tmp_path, db).rc == 0
     report = Report(db)
     readers = Readers(db)
-    report.end_after(4)
+    report.end_after_blocking(db, 3)
     res = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(write_migrations(
         tmp_path / "m", ALTER, with_real=True))})
     longest = readers.stop()
@@ -345,7 +354,7 @@ def test_lock_retries_that_run_out_fail_naming_the_blocker(tmp_path, db):
 def test_in_a_no_transaction_file_the_blocked_statement_alone_is_retried(tmp_path, db):
     assert play(tmp_path, db).rc == 0
     report = Report(db)
-    report.end_after(3)
+    report.end_after_blocking(db, 2)
     no_tx = {"024_no_tx.sql": "-- pg_migrate:no-transaction\nINSERT INTO stock_monitoring.watchlists (user_id, name) "
                               "VALUES ('u1', 'once');\nALTER TABLE stock_monitoring.alerts ADD COLUMN note text;\n"}
     res = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(write_migrations(

@@ -98,13 +98,9 @@ def test_rows_vacuum_a_recreated_index_and_a_column_readded_alike_are_not_drift(
     assert res.rc == 0 and "schema: matches the schema file" in res.output, res.output
 
 
-@pytest.mark.every_major
-def test_a_changed_function_body_or_view_is_named(tmp_path, db):
-    """The schema file is made on the machine's major (make schema), the database may be of any other."""
-    more = {"024_normalise.sql": "CREATE FUNCTION stock_monitoring.normalise_symbol(s text) RETURNS text "
-                                 "LANGUAGE sql IMMUTABLE RETURN upper(s);\n"
-                                 "CREATE VIEW stock_monitoring.enabled_alerts AS SELECT id, symbol "
-                                 "FROM stock_monitoring.alerts WHERE enabled;\n"}
+def deployed_with(tmp_path, db, more: dict[str, str]) -> dict:
+    """022/023 and `more` deployed, with a schema file made from them (make schema's script): the extra
+    variables that deploy and verify them."""
     folder = write_migrations(tmp_path / "m", more, with_real=True)
     schema_file = tmp_path / "schema.json"
     made = subprocess.run([sys.executable, str(SCHEMA_SCRIPT), "--migrations", str(folder), "--file", str(schema_file)],
@@ -112,6 +108,17 @@ def test_a_changed_function_body_or_view_is_named(tmp_path, db):
     assert made.returncode == 0, made.stdout + made.stderr
     extra = {"stock_monitoring_db_migrations_dir": str(folder), "stock_monitoring_db_schema_file": str(schema_file)}
     assert play(tmp_path, db, extra=extra).rc == 0
+    return extra
+
+
+@pytest.mark.every_major
+def test_a_changed_function_body_or_view_is_named(tmp_path, db):
+    """The schema file is made on the machine's major (make schema), the database may be of any other."""
+    more = {"024_normalise.sql": "CREATE FUNCTION stock_monitoring.normalise_symbol(s text) RETURNS text "
+                                 "LANGUAGE sql IMMUTABLE RETURN upper(s);\n"
+                                 "CREATE VIEW stock_monitoring.enabled_alerts AS SELECT id, symbol "
+                                 "FROM stock_monitoring.alerts WHERE enabled;\n"}
+    extra = deployed_with(tmp_path, db, more)
     res = play(tmp_path, db, "verify-db.yml", extra=extra)
     assert res.rc == 0 and "schema: matches the schema file" in res.output, res.output
     db.query("CREATE OR REPLACE FUNCTION stock_monitoring.normalise_symbol(s text) RETURNS text "
@@ -266,13 +273,7 @@ def test_a_disabled_trigger_of_a_migration_is_drift(tmp_path, db):
                              "$$BEGIN NEW.updated_at := now(); RETURN NEW; END$$;\n"
                              "CREATE TRIGGER alerts_touch BEFORE UPDATE ON stock_monitoring.alerts "
                              "FOR EACH ROW EXECUTE FUNCTION stock_monitoring.touch();\n"}
-    folder = write_migrations(tmp_path / "m", more, with_real=True)
-    schema_file = tmp_path / "schema.json"
-    made = subprocess.run([sys.executable, str(SCHEMA_SCRIPT), "--migrations", str(folder), "--file", str(schema_file)],
-                          capture_output=True, text=True)
-    assert made.returncode == 0, made.stdout + made.stderr
-    extra = {"stock_monitoring_db_migrations_dir": str(folder), "stock_monitoring_db_schema_file": str(schema_file)}
-    assert play(tmp_path, db, extra=extra).rc == 0
+    extra = deployed_with(tmp_path, db, more)
     assert play(tmp_path, db, "verify-db.yml", extra=extra).rc == 0
     db.query("ALTER TABLE stock_monitoring.alerts DISABLE TRIGGER USER")
     res = play(tmp_path, db, "verify-db.yml", extra=extra)
