@@ -126,3 +126,11 @@ def test_outside_github_actions_the_deploy_db_action_never_runs_a_planted_venv(t
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert res.returncode != 0 and not marker.exists(), res.stdout + res.stderr
     assert sorted(p.name for p in shared.iterdir()) == ["stock-monitoring-db-venv"]  # its own venv removed
+
+
+def test_the_declared_minimum_ansible_core_is_the_one_the_tests_run_on():
+    """The report callback needs ansible-core 2.19 (CallbackTaskResult): a lower minimum in meta/main.yml
+    would promise what no test runs, and on 2.17/2.18 no report would be written."""
+    declared = yaml.safe_load((ROOT / "roles" / "stock_monitoring_db" / "meta" / "main.yml").read_text())
+    pinned = re.search(r"^ansible-core==(\d+\.\d+)\.", (ROOT / "requirements.txt").read_text(), re.M)
+    assert pinned and declared["galaxy_info"]["min_ansible_version"] == pinned.group(1)
