@@ -494,7 +494,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import time
 import traceback
 
@@ -556,7 +555,6 @@ ARGUMENT_SPEC = {
     "migrations_sha256": {"type": "str"},
     "controller_pid": {"type": "int"},
 }
-TIMEOUT_RE = re.compile(r"^[0-9]+(us|ms|s|min|h|d)?$")
 PG_MAX_MILLISECONDS = 2147483647  # lock_timeout and statement_timeout are int milliseconds
 
 
@@ -608,9 +606,11 @@ def input_problem(params: dict) -> str | None:
     """What is wrong with the options before any connection, in the words of the option."""
     for option in DURATION_OPTIONS:
         name = params["option_names"].get(option, option)
-        if not TIMEOUT_RE.match(params[option]):
+        try:
+            duration = seconds(params[option])
+        except ValueError:
             return f"{name}={params[option]!r} is not a PostgreSQL duration such as 5s, 500ms or 15min"
-        if seconds(params[option]) * 1000 > PG_MAX_MILLISECONDS:
+        if duration * 1000 > PG_MAX_MILLISECONDS:
             return f"{name}={params[option]!r} is longer than PostgreSQL takes (at most 2147483647ms, about 24 days)"
     try:
         lock_schedule(params["lock_retries"])

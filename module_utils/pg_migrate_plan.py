@@ -172,7 +172,8 @@ def make_plan(migrations: list[Migration], history: dict[int, dict], accepted_ch
     return Plan(pending, already_applied, accepted, drift)
 
 
-DURATION = re.compile(r"^(\d+(?:\.\d+)?)(us|ms|s|min|h|d)?$")
+# A PostgreSQL duration, as lock_timeout and statement_timeout take it; ASCII digits (\d takes any digit).
+DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(us|ms|s|min|h|d)?$")
 UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 # SQLSTATEs of a file that lost a race for a lock and was rolled back whole: lock_not_available, deadlock_detected.
 LOCK_CONFLICTS = ("55P03", "40P01")

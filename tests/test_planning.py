@@ -214,3 +214,16 @@ def test_a_migration_whose_extension_is_not_lower_case_sql_is_refused_not_skippe
 ])
 def test_statements_that_must_not_run_twice_are_known_by_their_tokens(statement, once):
     assert sql.run_once(statement) == once
+
+
+def test_one_duration_reader_serves_the_timeouts_and_the_lock_schedule():
+    """PostgreSQL takes 1.5s for lock_timeout; it does not take Arabic-Indic digits, which \\d would."""
+    module = load_library("pg_migrate")
+    params = {"lock_timeout": "1.5s", "statement_timeout": "15min", "lock_retries": [], "option_names": {},
+              "login_host": "h", "login_user": "u", "login_password": "", "login_db": "d", "maintenance_db": "postgres",
+              "application_name": "a", "require_auth": "", "connect_timeout": 10, "schema": "s",
+              "history_table": "pg_migrate_history"}
+    assert module.input_problem(params) is None and pm.seconds("1.5s") == 1.5
+    with pytest.raises(ValueError, match="is not a duration"):
+        pm.seconds("\u0665s")
+    assert "is not a PostgreSQL duration" in module.input_problem({**params, "lock_timeout": "\u0665s"})
