@@ -147,30 +147,22 @@ LOGIN_KEYS = ("POSTGRES_HOST", "POSTGRES_PORT", "POSTGRES_USER", "POSTGRES_PASSW
 PORT_RE = re.compile(r"^[0-9]{1,5}$")
 
 
-def read_values(path: str, keys: list[str] | None, required: list[str]) -> tuple[bool, dict[str, str]]:
-    """Whether the file exists, and the keys it sets (of `keys`, or all) with a value; DotenvError when it
-    cannot be read or parsed, or lacks a required key. A missing file is fine when nothing is required."""
-    text = read_file(path)
-    if text is None:
-        if required:
-            raise DotenvError(f"The .env file {path} does not exist on this host; it must set "
-                              f"{', '.join(required)} (see the README's .env contract)")
-        return False, {}
-    values = expand(parse(text, path), dict(os.environ))
-    found = {k: v for k in (keys if keys is not None else list(values)) if (v := values.get(k)) is not None}
-    absent = [k for k in required if not found.get(k)]
-    if absent:
-        raise DotenvError(f"The .env file {path} does not set {', '.join(absent)} (missing or empty): add "
-                          f"{'them' if len(absent) > 1 else 'it'} as KEY=value lines")
-    return True, found
-
-
 def read_login(path: str, overrides: dict[str, object]) -> dict[str, str]:
     """The connection settings: the file's POSTGRES_* keys, each replaced by its override when one is set
-    (not None). Only the keys without an override must be in the file."""
+    (not None). Only the keys without an override must be in the file, which is not read when none is."""
     required = [key for key in LOGIN_KEYS if overrides.get(key) is None]
-    _, values = read_values(path, list(LOGIN_KEYS), required) if required else (False, {})
-    login = {key: str(overrides[key]) if overrides.get(key) is not None else values.get(key, "") for key in LOGIN_KEYS}
+    values: dict[str, str | None] = {}
+    if required:
+        text = read_file(path)
+        if text is None:
+            raise DotenvError(f"The .env file {path} does not exist on this host; it must set "
+                              f"{', '.join(required)} (see the README's .env contract)")
+        values = expand(parse(text, path), dict(os.environ))
+        absent = [key for key in required if not values.get(key)]
+        if absent:
+            raise DotenvError(f"The .env file {path} does not set {', '.join(absent)} (missing or empty): add "
+                              f"{'them' if len(absent) > 1 else 'it'} as KEY=value lines")
+    login = {key: str(overrides[key]) if overrides.get(key) is not None else values.get(key) or "" for key in LOGIN_KEYS}
     nul = [key for key, value in login.items() if "\0" in value]
     if nul:  # libpq takes C strings: the value would end there
         raise DotenvError(f"{', '.join(nul)} in {path} (or the role variable that overrides it) holds a NUL "

@@ -661,13 +661,19 @@ class Session:
         return "; ".join(f"pid {pid} (user {user}, application {app!r}, {state}, {mode})"
                          for pid, user, app, state, mode in rows) or "the holder has just released it"
 
-    def relation_lock_holders(self) -> str:
-        rows = self.query(
+    def schema_locks(self, mode: str | None = None) -> list[tuple]:
+        """(pid, user, application, state, mode, table, seconds its transaction is open) of each lock that
+        another session holds on a table of the managed schema in this database; of one `mode` only."""
+        return self.query(
             "SELECT DISTINCT a.pid, a.usename, a.application_name, a.state, l.mode, c.relname, "
             "coalesce(round(extract(epoch FROM now() - a.xact_start))::text, '?') "
             "FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace "
             "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.granted AND l.pid <> pg_backend_pid() "
-            "AND n.nspname = %s ORDER BY 1", (self.schema,))
+            "AND n.nspname = %s AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND (%s::text IS NULL OR l.mode = %s) ORDER BY 1, 6", (self.schema, mode, mode))
+
+    def relation_lock_holders(self) -> str:
+        rows = self.schema_locks()
         if not rows:
             return "no session holds a lock in that schema any more"
         return "blocked by " + "; ".join(
@@ -676,18 +682,11 @@ class Session:
 
     def exclusive_lock_holders(self) -> str:
         """Who holds a table of the managed schema in ACCESS EXCLUSIVE mode, which even reading its definition waits for."""
-        rows = self.query(
-            "SELECT c.relname, a.pid, a.usename, a.application_name, a.state, "
-            "coalesce(round(extract(epoch FROM now() - a.xact_start))::text, '?') "
-            "FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.granted AND l.mode = 'AccessExclusiveLock' "
-            "AND l.pid <> pg_backend_pid() AND n.nspname = %s "
-            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY 1, 2",
-            (self.schema,))
+        rows = self.schema_locks("AccessExclusiveLock")
         if not rows:
             return "a table was locked while its definition was read (the holder has released it since)"
         return "; ".join(f"table {rel} is locked by pid {pid} (user {user}, application {app!r}, {state}, "
-                         f"transaction open {age} s)" for rel, pid, user, app, state, age in rows)
+                         f"transaction open {age} s)" for pid, user, app, state, _mode, rel, age in rows)
 
     # The database ----------------------------------------------------------------------------------
     def no_createdb(self) -> MigrationError:
