@@ -4,7 +4,7 @@
 
 The module runs on the target host, where only psycopg2 is installed. The SQL is read here, on the
 controller, with pglast (libpg_query, PostgreSQL's scanner and grammar), and the module gets what
-was found, for the files where something was, in its internal `findings` option. Whether SQL is valid
+was found, for the files where something was, in its internal `_findings` option. Whether SQL is valid
 is the target server's to judge, whatever its major: the grammar here is only a fast, exact splitter,
 and where it refuses a file (a word a later major made a keyword, a syntax error), psql's own scanner
 rules split it instead. Found here, before any file runs, naming the line:
@@ -259,7 +259,7 @@ def run_once(stmt: str) -> str | None:
     return None
 
 
-INTERNAL_OPTIONS = ("findings", "migrations_path", "migrations_sha256", "controller_pid")
+INTERNAL_OPTIONS = ("_findings", "_migrations_path", "_migrations_sha256", "_controller_pid")
 
 
 class ActionModule(ActionBase):
@@ -282,15 +282,15 @@ class ActionModule(ActionBase):
         schema = args.get("expected_schema")
         schema_size = len(json.dumps(schema)) if isinstance(schema, dict) else 0
         if sum(len(text) for text in migrations.values()) + schema_size <= INLINE_LIMIT:
-            args["findings"] = findings
+            args["_findings"] = findings
         else:  # the temporary directory goes with the task (ActionBase.cleanup), whatever happens
             path = self._connection._shell.join_path(self._make_tmp_path(), "pg_migrate-migrations.json")
             data = json.dumps({"migrations": migrations, "findings": findings, "expected_schema": schema}).encode()
             args["expected_schema"] = None
             self._transfer_data(path, data)
             self._fixup_perms2((self._connection._shell.tmpdir, path))
-            args.update(migrations={}, migrations_path=path, migrations_sha256=hashlib.sha256(data).hexdigest())
+            args.update(migrations={}, _migrations_path=path, _migrations_sha256=hashlib.sha256(data).hexdigest())
         if self._connection.transport == "local":  # the module watches this process (see controller_chain)
-            args["controller_pid"] = os.getpid()
+            args["_controller_pid"] = os.getpid()
         result.update(self._execute_module(module_name="pg_migrate", module_args=args, task_vars=task_vars))
         return result

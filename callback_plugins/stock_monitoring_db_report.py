@@ -30,13 +30,12 @@ import json
 import os
 import tempfile
 
-from ansible import context
 from ansible.executor.stats import AggregateStats
 from ansible.executor.task_result import CallbackTaskResult
 from ansible.plugins.callback import CallbackBase
 
-REQUEST = "stock_monitoring_db_report_request"
-REPORT = "stock_monitoring_db_host_report"
+REQUEST = "__stock_monitoring_db_report_request"
+REPORT = "__stock_monitoring_db_host_report"
 
 
 def failure_entry(host: str, mode: str, task: str, message: str, unreachable: bool) -> dict:
@@ -70,7 +69,9 @@ class CallbackModule(CallbackBase):
         host, facts = result.host.get_name(), result.result.get("ansible_facts", {})
         if isinstance(facts.get(REQUEST), dict):
             request = facts[REQUEST]
-            mode = "verify" if request.get("mode") == "verify" else ("plan" if context.CLIARGS.get("check") else "deploy")
+            # The mode of a host that stops before pg_migrate reports its own: check mode as this task ran
+            # in it (--check, or check_mode set on the play or the role), as pg_migrate will.
+            mode = "verify" if request.get("mode") == "verify" else ("plan" if result.task.check_mode else "deploy")
             self.requests[host] = {"file": os.path.join(self.started_in, str(request["file"])), "mode": mode}
         if isinstance(facts.get(REPORT), dict):
             self.entries[host] = facts[REPORT]

@@ -272,13 +272,6 @@ options:
         definitions, function bodies, comments), never data, statistics, OIDs or column order. The
         history table is left out.
     type: dict
-  option_names:
-    description:
-      - How failure messages name options, for a role that exposes them under its own variable names.
-        It maps an option to a name, for example C(unknown_versions) to C(myrole_unknown_versions).
-        Options not listed are named as themselves.
-    type: dict
-    default: {}
   verify:
     description:
       - Report the state only, as a monitoring job needs it, never C(changed), with check mode or without.
@@ -287,30 +280,6 @@ options:
       - A missing database is reported (RV(database_exists) false) whatever O(on_missing_database) says.
     type: bool
     default: false
-  findings:
-    description:
-      - Internal, set by the pg_migrate action plugin on the controller; do not set it.
-      - What PostgreSQL's parser found in the files of O(migrations), for the files where it found
-        something (no-transaction statements, or a problem).
-    type: dict
-  migrations_path:
-    description:
-      - Internal, set by the pg_migrate action plugin on the controller; do not set it.
-      - A file in the target's temporary directory holding O(migrations), O(findings) and
-        O(expected_schema), used instead of the module's arguments when they are large. The module reads
-        it once, removes it, and runs nothing unless it matches O(migrations_sha256).
-    type: str
-  migrations_sha256:
-    description:
-      - Internal, set by the pg_migrate action plugin on the controller; do not set it.
-      - The SHA-256 of the file at O(migrations_path) as the controller wrote it.
-    type: str
-  controller_pid:
-    description:
-      - Internal, set by the pg_migrate action plugin on the controller; do not set it.
-      - On a local connection, the process id of the ansible-playbook worker running the task. When it or
-        ansible-playbook ends, the module cancels its statement and exits.
-    type: int
 attributes:
   check_mode:
     description: Can run in check mode and return a changed status prediction without modifying the target.
@@ -365,6 +334,12 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+mode:
+  description:
+    - What the run did, V(deploy); V(plan) in check mode (nothing written); V(verify) with O(verify).
+  returned: always
+  type: str
+  sample: deploy
 login:
   description:
     - The connection settings used, from O(env_file) and the options, without the password.
@@ -498,6 +473,7 @@ import time
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.pg_migrate_connect import PSYCOPG2_IMPORT_ERROR, Database, psycopg2
 from ansible.module_utils.pg_migrate_dotenv import DotenvError, read_login
 from ansible.module_utils.pg_migrate_plan import (
     MigrationError,
@@ -505,10 +481,12 @@ from ansible.module_utils.pg_migrate_plan import (
     load_migrations,
     lock_schedule,
     name_problem,
+    option,
     seconds,
 )
+from ansible.module_utils.pg_migrate_run import drop_schema, migrate
 from ansible.module_utils.pg_migrate_schema import schema_file_problem
-from ansible.module_utils.pg_migrate_session import PSYCOPG2_IMPORT_ERROR, Session, psycopg2, watch_controller
+from ansible.module_utils.pg_migrate_watchdog import watch_controller
 
 DURATION_OPTIONS = ("lock_timeout", "statement_timeout")
 ARGUMENT_SPEC = {
@@ -548,12 +526,14 @@ ARGUMENT_SPEC = {
         "sleep": {"type": "str", "required": True},
         "times": {"type": "int", "default": 1}}},
     "expected_schema": {"type": "dict"},
-    "option_names": {"type": "dict", "default": {}},
     "verify": {"type": "bool", "default": False},
-    "findings": {"type": "dict"},
-    "migrations_path": {"type": "str"},
-    "migrations_sha256": {"type": "str"},
-    "controller_pid": {"type": "int"},
+    # Set by the action plugin on the controller, never by a task (it drops them from the task's arguments):
+    # what the SQL parser found in each file; the file the migrations travel in when large, and its SHA-256;
+    # on a local connection, the ansible-playbook worker the watchdog watches (see pg_migrate_watchdog).
+    "_findings": {"type": "dict"},
+    "_migrations_path": {"type": "str"},
+    "_migrations_sha256": {"type": "str"},
+    "_controller_pid": {"type": "int"},
 }
 PG_MAX_MILLISECONDS = 2147483647  # lock_timeout and statement_timeout are int milliseconds
 
@@ -604,31 +584,30 @@ def login_of(params: dict) -> dict:
 
 def input_problem(params: dict) -> str | None:
     """What is wrong with the options before any connection, in the words of the option."""
-    for option in DURATION_OPTIONS:
-        name = params["option_names"].get(option, option)
+    for key in DURATION_OPTIONS:
         try:
-            duration = seconds(params[option])
+            duration = seconds(params[key])
         except ValueError:
-            return f"{name}={params[option]!r} is not a PostgreSQL duration such as 5s, 500ms or 15min"
+            return f"{option(key)}={params[key]!r} is not a PostgreSQL duration such as 5s, 500ms or 15min"
         if duration * 1000 > PG_MAX_MILLISECONDS:
-            return f"{name}={params[option]!r} is longer than PostgreSQL takes (at most 2147483647ms, about 24 days)"
+            return f"{option(key)}={params[key]!r} is longer than PostgreSQL takes (at most 2147483647ms, about 24 days)"
     try:
         lock_schedule(params["lock_retries"])
     except ValueError as exc:
-        return f"{params['option_names'].get('lock_retries', 'lock_retries')}: {exc}"
-    for option in ("login_host", "login_user", "login_password", "login_db", "maintenance_db", "application_name"):
-        if "\0" in params[option]:  # libpq takes C strings: the value would end there, or psycopg2 raise
-            return f"{params['option_names'].get(option, option)} holds a NUL character, which no connection can carry"
+        return f"{option('lock_retries')}: {exc}"
+    for key in ("login_host", "login_user", "login_password", "login_db", "maintenance_db", "application_name"):
+        if "\0" in params[key]:  # libpq takes C strings: the value would end there, or psycopg2 raise
+            return f"{option(key)} holds a NUL character, which no connection can carry"
     if params["connect_timeout"] < 0:
-        return f"{params['option_names'].get('connect_timeout', 'connect_timeout')} must be 0 (no limit) or more seconds"
+        return f"{option('connect_timeout')} must be 0 (no limit) or more seconds"
     problem = require_auth_problem(params["require_auth"])
     if problem:
-        return f"{params['option_names'].get('require_auth', 'require_auth')}={params['require_auth']!r}: {problem}"
-    for option, what in (("login_db", "Database name"), ("maintenance_db", "Maintenance database name"),
-                         ("schema", "Schema name"), ("history_table", "History table name")):
-        problem = name_problem(what, params[option])
+        return f"{option('require_auth')}={params['require_auth']!r}: {problem}"
+    for key, what in (("login_db", "Database name"), ("maintenance_db", "Maintenance database name"),
+                      ("schema", "Schema name"), ("history_table", "History table name")):
+        problem = name_problem(what, params[key])
         if problem:
-            return f"{problem} ({option})"
+            return f"{problem} ({option(key)})"
     return None
 
 
@@ -639,16 +618,16 @@ def read_migrations(params: dict) -> tuple[dict, dict | None]:
     The file is in the target's temporary directory, which may be shared (remote_tmp under /tmp): it is
     read once, removed, and used only if it is what the controller wrote, so that another local user who
     swapped it cannot have her SQL run as the database login."""
-    path = params["migrations_path"]
+    path = params["_migrations_path"]
     if not path:
-        return params["migrations"], params["findings"]
+        return params["migrations"], params["_findings"]
     try:
         with open(path, "rb") as prepared:
             data = prepared.read()
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)
-    if not params["migrations_sha256"] or hashlib.sha256(data).hexdigest() != params["migrations_sha256"]:
+    if not params["_migrations_sha256"] or hashlib.sha256(data).hexdigest() != params["_migrations_sha256"]:
         raise MigrationError(
             f"The migrations file {path} does not hold what the controller sent (its SHA-256 differs): another "
             "user of the host's temporary directory may have replaced it. Nothing was run. Set remote_tmp to a "
@@ -669,52 +648,54 @@ def diff_of(result: dict, ran: list) -> dict:
 
 def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    # The run's mode, decided here once and returned in every result, for the role and its report.
+    mode = "verify" if module.params["verify"] else "plan" if module.check_mode else "deploy"
     problem = resolve_login(module.params)
     if problem:
-        module.fail_json(msg=problem)
+        module.fail_json(msg=problem, mode=mode)
     if module.params["login_password"]:  # read from the .env after Ansible took the no_log values: add it
         module.no_log_values.add(module.params["login_password"])
-    login = login_of(module.params)
+    common = {"login": login_of(module.params), "mode": mode}
     if psycopg2 is None:
         # Nothing can be compared with the database: name the files, so that a plan can list them.
         try:
             files = sorted(read_migrations(module.params)[0])
         except MigrationError as exc:
-            module.fail_json(msg=exc.msg, login=login)
+            module.fail_json(msg=exc.msg, **common)
         module.fail_json(msg=missing_required_lib("psycopg2"), missing_library="psycopg2", files=files,
-                         exception=PSYCOPG2_IMPORT_ERROR, login=login)
+                         exception=PSYCOPG2_IMPORT_ERROR, **common)
     problem = input_problem(module.params)
     if problem:
-        module.fail_json(msg=problem, login=login)
+        module.fail_json(msg=problem, **common)
     began = time.monotonic()
-    session = Session(module.params, module.check_mode, module.warn)
-    watch_controller(lambda: session.conn, module.params["controller_pid"], session.watch_server)
+    db = Database(module.params, mode, module.warn)
+    watch_controller(lambda: db.conn, module.params["_controller_pid"], db.watch_server)
+    ran = []
     try:
         if module.params["drop_schema"]:
-            result = session.drop_schema()
+            result = drop_schema(db)
         else:
             migrations = load_migrations(*read_migrations(module.params))
             problem = schema_file_problem(module.params["expected_schema"])
             if problem:
-                raise MigrationError(f"{module.params['option_names'].get('expected_schema', 'expected_schema')}: "
-                                     f"{problem}")
-            result = session.run(migrations)
+                raise MigrationError(f"{option('expected_schema')}: {problem}")
+            result, ran = migrate(db, migrations)
     except MigrationError as exc:
-        module.fail_json(msg=exc.msg, login=login, **exc.details)
+        module.fail_json(msg=exc.msg, **common, **exc.details)
     except psycopg2.Error as exc:
         # Anything the server refused outside a migration file: name what was being done.
-        module.fail_json(msg=f"PostgreSQL at {session.where} (database {module.params['login_db']!r}) failed: "
-                             + (session.stalled or f"SQLSTATE {exc.pgcode}: {first_line(str(exc))}"), login=login)
+        module.fail_json(msg=f"PostgreSQL at {db.where} (database {module.params['login_db']!r}) failed: "
+                             + (db.stalled or f"SQLSTATE {exc.pgcode}: {first_line(str(exc))}"), **common)
     except Exception as exc:
         module.fail_json(msg=f"pg_migrate failed unexpectedly ({type(exc).__name__}: {first_line(str(exc))}); "
                              "this is a bug in pg_migrate: please report it with this message",
-                         exception=traceback.format_exc(), login=login)
+                         exception=traceback.format_exc(), **common)
     finally:
-        session.close()
+        db.close()
     result["duration_ms"] = round((time.monotonic() - began) * 1000, 3)
     if module._diff and not module.params["drop_schema"]:
-        result["diff"] = diff_of(result, session.to_run)
-    module.exit_json(login=login, **result)
+        result["diff"] = diff_of(result, ran)
+    module.exit_json(**common, **result)
 
 
 if __name__ == "__main__":

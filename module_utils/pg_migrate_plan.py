@@ -19,6 +19,12 @@ LINE_END = re.compile(r"\r\n|\r|\n")
 BOM = "\ufeff"
 
 
+def option(name: str) -> str:
+    """How a message names one of the module's options: `option lock_retries`. A role that exposes the
+    options as variables of its own maps those words to its variable's name."""
+    return f"option {name}"
+
+
 class MigrationError(Exception):
     """A problem to report to the user as one message; `details` go into the failed result."""
 
@@ -115,11 +121,8 @@ class Plan:
 
 
 def make_plan(migrations: list[Migration], history: dict[int, dict], accepted_changes: list[dict],
-              unknown_versions: str, out_of_order: str, names: dict[str, str] | None = None) -> Plan:
-    """Compare the files with the history rows ({version: {"name", "checksum"}}) and apply the policies.
-
-    `names` says how messages name the options (a role exposes them as its own variables)."""
-    names = names or {}
+              unknown_versions: str, out_of_order: str) -> Plan:
+    """Compare the files with the history rows ({version: {"name", "checksum"}}) and apply the policies."""
     accept = {(a["version"], a["old_checksum"], a["new_checksum"]) for a in accepted_changes}
     pending, already_applied, accepted, drift = [], [], [], []
     highest = max(history, default=None)
@@ -149,7 +152,7 @@ def make_plan(migrations: list[Migration], history: dict[int, dict], accepted_ch
         first = edited[0]
         raise MigrationError(
             f"Applied migration edited after it was applied: {lines}. Restore the file as applied, or accept "
-            f"the change explicitly, e.g. {names.get('accepted_changes', 'accepted_changes')}: "
+            f"the change explicitly, e.g. {option('accepted_changes')}: "
             f"[{{version: {first['version']}, "
             f"old_checksum: {first['old_checksum']}, new_checksum: {first['new_checksum']}}}]", drift=drift)
     unknown = [d for d in drift if d["kind"] == "unknown"]
@@ -157,7 +160,7 @@ def make_plan(migrations: list[Migration], history: dict[int, dict], accepted_ch
         listed = ", ".join(d["name"] for d in unknown)
         raise MigrationError(
             f"The database has applied migrations that this checkout does not have: {listed}. Deploy from a "
-            f"checkout that has them, or set {names.get('unknown_versions', 'unknown_versions')}=warn to go on",
+            f"checkout that has them, or set {option('unknown_versions')}=warn to go on",
             drift=drift)
     late = [d for d in drift if d["kind"] == "out_of_order"]
     if late and out_of_order == "fail":
@@ -167,7 +170,7 @@ def make_plan(migrations: list[Migration], history: dict[int, dict], accepted_ch
             f"Pending migrations are older than the newest applied one ({highest}): {listed}. If one was applied "
             "before and its history row was deleted by hand, do not renumber it: find out who deleted the row, and "
             "restore it (or let the file run again, if it is re-runnable). If it is new (a branch merged late), "
-            f"renumber it above {highest}, or set {names.get('out_of_order', 'out_of_order')}=apply to apply it "
+            f"renumber it above {highest}, or set {option('out_of_order')}=apply to apply it "
             "anyway", drift=drift)
     return Plan(pending, already_applied, accepted, drift)
 

@@ -19,10 +19,13 @@ sed -i 's/ansible\.module_utils\.pg_migrate_/ansible_collections.stock_monitorin
 printf 'namespace: stock_monitoring\nname: db\nversion: 1.0.0\nreadme: README.md\nauthors: [Stock Monitoring team]\n' > "$coll/galaxy.yml"
 printf 'requires_ansible: ">=2.17"\n' > "$coll/meta/runtime.yml"
 touch "$coll/README.md"
-# The license is ours to choose (MIT): the GPLv3 header check does not apply.
+# The license is ours to choose (MIT): the GPLv3 header check does not apply. pg_migrate's `_`-prefixed
+# options are internal, set by its action plugin only, and undocumented as Ansible's own copy module's
+# _original_basename is (ansible-core ignores the same check for it).
 for f in "$coll"/plugins/modules/*.py; do
   printf 'plugins/modules/%s validate-modules:missing-gplv3-license\n' "$(basename "$f")"
 done > "$coll/tests/sanity/ignore-2.19.txt"
+printf 'plugins/modules/pg_migrate.py validate-modules:undocumented-parameter\n' >> "$coll/tests/sanity/ignore-2.19.txt"
 
 cache="$HOME/.ansible/test/cache"
 mkdir -p "$cache"

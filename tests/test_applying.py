@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -46,6 +47,34 @@ def test_fresh_apply_then_noop(tmp_path, db):
     assert run.rc == 0, run.output
     assert again["changed"] is False and again["applied"] == [] and again["pending"] == []
     assert [a["version"] for a in again["already_applied"]] == [22, 23]
+
+
+def test_another_sessions_temporary_tables_do_not_change_what_adoption_finds(tmp_path, db):
+    """Adoption asks whether a file wrote to the catalog; another session creating temporary tables meanwhile
+    (a report's scratch tables) writes there too, in its own transactions."""
+    db.create()
+    db.psql_files(*sorted(MIGRATIONS.glob("*.sql")))
+    scratch, running = db.connect(), threading.Event()
+    running.set()
+
+    def create_temporary_tables() -> None:
+        with scratch.cursor() as cur:
+            for n in itertools.count():
+                if not running.is_set():
+                    return
+                cur.execute(f"CREATE TEMPORARY TABLE scratch_{n} (id int, note text)")
+                time.sleep(0.002)
+
+    thread = threading.Thread(target=create_temporary_tables)
+    thread.start()
+    try:
+        res, run = run_module(tmp_path, "pg_migrate", module_params(db))
+    finally:
+        running.clear()
+        thread.join(10)
+        scratch.close()
+    assert run.rc == 0, run.output
+    assert [a["adopted"] for a in res["applied"]] == [True, True]
 
 
 @pytest.mark.every_major
@@ -311,7 +340,7 @@ def test_a_large_migration_file_swapped_on_the_target_is_refused_and_never_runs(
 def test_a_large_migration_file_that_differs_from_its_digest_is_refused_and_removed(tmp_path):
     sent = tmp_path / "pg_migrate-migrations.json"
     sent.write_text(json.dumps({"migrations": {"001_x.sql": "CREATE TABLE public.pwned (id int);\n"}, "findings": {}}))
-    params = {"migrations_path": str(sent), "migrations_sha256": hashlib.sha256(b"what the controller sent").hexdigest()}
+    params = {"_migrations_path": str(sent), "_migrations_sha256": hashlib.sha256(b"what the controller sent").hexdigest()}
     with pytest.raises(pm.MigrationError, match="does not hold what the controller sent"):
         load_library("pg_migrate").read_migrations(params)
     assert not sent.exists()

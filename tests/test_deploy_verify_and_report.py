@@ -49,6 +49,22 @@ def test_check_mode_on_an_empty_server_changes_nothing_and_says_what_it_would_do
     assert not db.exists()
 
 
+def test_check_mode_set_on_the_play_is_a_plan_that_changes_nothing(tmp_path, db):
+    """check_mode on the play, not --check: pg_migrate runs in check mode as every task does, and the
+    summary and the JSON report call it a plan."""
+    book = tmp_path / "plan-db.yml"
+    book.write_text(json.dumps([{"name": "Plan the database", "hosts": "stock_monitoring_db", "gather_facts": False,
+                                 "check_mode": True, "roles": [{"role": "stock_monitoring_db"}]}]))
+    (tmp_path / ".env").write_text(env_text(db))
+    report = tmp_path / "report.json"
+    res = run_playbook(book, inventory=LOCAL, extra_vars={"stock_monitoring_db_report_file": str(report)},
+                       env={"STOCK_MONITORING_DB_ENV_FILE": str(tmp_path / ".env")})
+    assert res.rc == 0, res.output
+    assert not db.exists(), "a play in check mode created the database"
+    assert f"PLAN {db.name}.stock_monitoring on " in res.output, res.output
+    assert json.loads(report.read_text())[0]["mode"] == "plan"
+
+
 @pytest.mark.parametrize("template", [
     # export prefix, comments, quotes, escapes, duplicates (last wins), expansion
     "# backend settings\nexport POSTGRES_HOST={host}\nPOSTGRES_PORT='{port}' # inline comment\n"
@@ -271,13 +287,13 @@ LOGIN = {"login": {"host": "db", "port": 5432, "database": "app", "user": "app"}
     None,
 ])
 def test_a_module_crash_is_reported_as_one_failure_not_a_template_error(result):
-    found = outcome(result, "web1", "stock_monitoring", "deploy", check=False)
+    found = outcome(result, "web1", "stock_monitoring", "deploy")
     if result:
         assert found["problems"] == ["MODULE FAILURE: See stdout/stderr for the exact error"]
     else:  # nothing, or no message: never a success
         assert found["problems"] == ["pg_migrate returned no usable result (it crashed or was killed before it could "
                                      "report, and nothing it did is known): run again with -vvv to see its output"]
-    assert outcome({"failed": True, "changed": False, **LOGIN}, "web1", "s", "verify", check=True)["problems"] != []
+    assert outcome({"failed": True, "changed": False, **LOGIN}, "web1", "s", "verify")["problems"] != []
     assert found["summary"][0] == "DEPLOY stock_monitoring on host web1"
     # What the module did not say is left out, not shown as "?" or "none".
     assert not [line for line in found["summary"] if "?" in line or line.startswith(("already applied", "tables"))]
@@ -286,7 +302,7 @@ def test_a_module_crash_is_reported_as_one_failure_not_a_template_error(result):
 def test_a_failed_migration_keeps_what_the_module_knew_in_the_summary():
     result = {"msg": "Migration 024_x.sql failed at line 3: ...", "applied": [], "server_version": "15.18",
               "pending": [{"name": "024_x.sql"}], **LOGIN}
-    found = outcome(result, "web1", "stock_monitoring", "deploy", check=False)
+    found = outcome(result, "web1", "stock_monitoring", "deploy")
     assert found["problems"] == [result["msg"]] and "(PostgreSQL 15.18)" in found["summary"][0]
     assert "pending (not applied): 024_x.sql" in found["summary"]
     assert found["report"]["failure"] == result["msg"] and found["report"]["database"] == "app"
@@ -295,9 +311,9 @@ def test_a_failed_migration_keeps_what_the_module_knew_in_the_summary():
 def test_verify_reports_pending_files_and_drift_and_a_plan_reports_no_problem():
     result = {"pending": [{"name": "024_x.sql"}], "drift": [{"name": "023_y.sql", "kind": "unknown"}],
               "database_exists": True, "missing_tables": [], "history_table": "s.pg_migrate_history", **LOGIN}
-    assert outcome(result, "h", "s", "verify", check=True)["problems"] == [
+    assert outcome(result, "h", "s", "verify")["problems"] == [
         "pending migrations: 024_x.sql", "drift: 023_y.sql unknown"]
-    assert outcome(result, "h", "s", "deploy", check=True)["problems"] == []
+    assert outcome({**result, "mode": "plan"}, "h", "s", "deploy")["problems"] == []
 
 
 def test_messages_name_the_role_variables_a_user_sets(tmp_path, db):
@@ -331,9 +347,9 @@ def test_verify_fails_when_the_schema_file_cannot_describe_the_server_and_a_depl
     result = {"database_exists": True, "schema_compared": False, "schema_file_unusable": True,
               "history_table": "s.pg_migrate_history",
               "schema_not_compared": "the schema file describes schema 'other', not 's'", **LOGIN}
-    assert outcome(result, "h", "s", "verify", check=True)["problems"] == [
+    assert outcome(result, "h", "s", "verify")["problems"] == [
         "schema not compared: the schema file describes schema 'other', not 's'"]
-    assert outcome(result, "h", "s", "deploy", check=False)["problems"] == []
+    assert outcome(result, "h", "s", "deploy")["problems"] == []
 
 
 def test_a_schema_file_that_does_not_exist_is_named_not_ignored(tmp_path, db):

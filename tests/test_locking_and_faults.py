@@ -365,6 +365,61 @@ def test_in_a_no_transaction_file_the_blocked_statement_alone_is_retried(tmp_pat
     assert db.query("SELECT attempts FROM stock_monitoring.pg_migrate_history WHERE version = 24")[0][0] > 1
 
 
+def own_block(blocked: str = "ALTER TABLE stock_monitoring.alerts ADD COLUMN note text;\n") -> dict[str, str]:
+    """A no-transaction file that opens a transaction block of its own around a statement a report blocks."""
+    return {"024_block.sql": "-- pg_migrate:no-transaction\n"
+            "INSERT INTO stock_monitoring.watchlists (user_id, name) VALUES ('u1', 'before');\n"
+            "BEGIN;\nINSERT INTO stock_monitoring.watchlists (user_id, name) VALUES ('u1', 'inside');\n"
+            f"{blocked}COMMIT;\n"}
+
+
+def named(db: Db, name: str) -> int:
+    return db.query("SELECT count(*) FROM stock_monitoring.watchlists WHERE name = %s", (name,))[0][0]
+
+
+@pytest.mark.every_major
+def test_a_block_a_no_transaction_file_opens_itself_is_retried_whole_from_its_begin(tmp_path, db):
+    """Retrying the blocked statement alone would run it in the block it aborted: the block is the unit."""
+    assert play(tmp_path, db).rc == 0
+    report = Report(db)
+    report.end_after_blocking(db, 2)
+    res = play(tmp_path, db, extra={
+        "stock_monitoring_db_migrations_dir": str(write_migrations(tmp_path / "m", own_block(), with_real=True)),
+        "stock_monitoring_db_lock_retries": [{"lock_timeout": "50ms", "sleep": "500ms", "times": 20}]})
+    assert res.rc == 0, res.output
+    assert (named(db, "before"), named(db, "inside")) == (1, 1)
+    assert db.query("SELECT attempts FROM stock_monitoring.pg_migrate_history WHERE version = 24")[0][0] > 1
+
+
+def test_a_block_whose_retries_run_out_is_named_as_rolled_back(tmp_path, db):
+    assert play(tmp_path, db).rc == 0
+    report = Report(db)
+    try:
+        res = play(tmp_path, db, extra={
+            "stock_monitoring_db_migrations_dir": str(write_migrations(tmp_path / "m", own_block(), with_real=True)),
+            "stock_monitoring_db_lock_retries": [{"lock_timeout": "50ms", "sleep": "50ms", "times": 3}]})
+    finally:
+        report.end()
+    assert res.rc != 0
+    assert ("this statement ran in the block it opened at line 3: that block was rolled back, its statements "
+            "before the block stayed committed") in res.output, res.output
+    assert "on each of 3 attempts" in res.output
+    assert (named(db, "before"), named(db, "inside")) == (1, 0)
+    assert [r[0] for r in db.history()] == [22, 23]
+
+
+def test_a_no_transaction_file_that_ends_inside_its_own_block_is_rolled_back_and_not_recorded(tmp_path, db):
+    """psql rolls back a block left open when the file ends; a deploy must not report it applied."""
+    assert play(tmp_path, db).rc == 0
+    files = {"024_open.sql": "-- pg_migrate:no-transaction\n"
+             "BEGIN;\nINSERT INTO stock_monitoring.watchlists (user_id, name) VALUES ('u1', 'inside');\n"}
+    res = play(tmp_path, db, extra={"stock_monitoring_db_migrations_dir": str(write_migrations(
+        tmp_path / "m", files, with_real=True))})
+    assert res.rc != 0, res.output
+    assert "ends inside the transaction it opened at line 2 (a BEGIN without COMMIT)" in res.output, res.output
+    assert named(db, "inside") == 0 and [r[0] for r in db.history()] == [22, 23]
+
+
 ONCE_MORE = "INSERT INTO stock_monitoring.watchlists (user_id, name) VALUES ('u1', 'once ' || clock_timestamp())"
 BLOCKED = "ALTER TABLE stock_monitoring.alerts ADD COLUMN note text"
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 from ansible.errors import AnsibleError
+from ansible.module_utils import pg_migrate_connect as connect
 from ansible.module_utils import pg_migrate_plan as pm
-from ansible.module_utils import pg_migrate_session as session
 from conftest import MIGRATIONS, load_library, read_migrations
 
 sql = load_library("pg_migrate", "action_plugins")
@@ -117,11 +118,11 @@ def test_out_of_order_fails_or_applies():
 
 
 def test_connect_errors_are_classified():
-    assert session.classify_connect_error('FATAL:  password authentication failed for user "x"') == "auth"
-    assert session.classify_connect_error('FATAL:  database "x" does not exist') == "no_database"
+    assert connect.classify_connect_error('FATAL:  password authentication failed for user "x"') == "auth"
+    assert connect.classify_connect_error('FATAL:  database "x" does not exist') == "no_database"
     refused = "connection to server at \"127.0.0.1\", port 1 failed: Connection refused"
-    assert session.classify_connect_error(refused) == "down"
-    assert session.classify_connect_error("FATAL:  the database system is starting up") == "down"
+    assert connect.classify_connect_error(refused) == "down"
+    assert connect.classify_connect_error("FATAL:  the database system is starting up") == "down"
 
 
 def test_advisory_key_is_stable_and_signed_64_bit():
@@ -160,8 +161,8 @@ def test_no_writable_server_is_told_apart_from_a_server_that_is_down_whatever_th
     for message in ('connection to server at "db2" (10.0.0.2), port 5432 failed: session is read-only',
                     'connection to server at "db2", port 5432 failed: server is in hot standby mode',
                     'could not make a writable connection to server "db2:5432"'):  # libpq 10 to 13
-        assert session.classify_connect_error(message) == "standby"
-    assert session.classify_connect_error('connection to server at "db2", port 5432 failed: Connection refused') == "down"
+        assert connect.classify_connect_error(message) == "standby"
+    assert connect.classify_connect_error('connection to server at "db2", port 5432 failed: Connection refused') == "down"
 
 
 def test_a_file_of_comments_only_is_a_no_op_and_a_cut_statement_is_the_servers_to_judge():
@@ -219,7 +220,7 @@ def test_statements_that_must_not_run_twice_are_known_by_their_tokens(statement,
 def test_one_duration_reader_serves_the_timeouts_and_the_lock_schedule():
     """PostgreSQL takes 1.5s for lock_timeout; it does not take Arabic-Indic digits, which \\d would."""
     module = load_library("pg_migrate")
-    params = {"lock_timeout": "1.5s", "statement_timeout": "15min", "lock_retries": [], "option_names": {},
+    params = {"lock_timeout": "1.5s", "statement_timeout": "15min", "lock_retries": [],
               "login_host": "h", "login_user": "u", "login_password": "", "login_db": "d", "maintenance_db": "postgres",
               "application_name": "a", "require_auth": "", "connect_timeout": 10, "schema": "s",
               "history_table": "pg_migrate_history"}
@@ -227,3 +228,13 @@ def test_one_duration_reader_serves_the_timeouts_and_the_lock_schedule():
     with pytest.raises(ValueError, match="is not a duration"):
         pm.seconds("\u0665s")
     assert "is not a PostgreSQL duration" in module.input_problem({**params, "lock_timeout": "\u0665s"})
+
+
+def test_every_option_but_the_internal_ones_is_documented():
+    """validate-modules is told to accept the undocumented `_` options; this keeps the rest documented."""
+    module = load_library("pg_migrate")
+    documented = set(yaml.safe_load(module.DOCUMENTATION)["options"])
+    public = {name for name in module.ARGUMENT_SPEC if not name.startswith("_")}
+    assert public == documented
+    assert {name for name in module.ARGUMENT_SPEC if name.startswith("_")} == {
+        "_findings", "_migrations_path", "_migrations_sha256", "_controller_pid"}

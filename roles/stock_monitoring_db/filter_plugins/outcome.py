@@ -10,18 +10,30 @@ with only `msg`, or nothing at all when the module never ran).
 from __future__ import annotations
 
 import os
+import re
+
+# How pg_migrate's messages name its options ("option lock_retries"; see pg_migrate_plan.option).
+OPTION = re.compile(r"\boption ([a-z_]+)\b")
 
 
-def outcome(result: dict | None, host: str, schema: str, mode: str, check: bool, diff: bool = False,
+def named(message: str, variables: dict[str, str]) -> str:
+    """The message with each option of pg_migrate that the role sets from a variable named as that variable."""
+    return OPTION.sub(lambda m: variables.get(m.group(1), m.group(0)), message)
+
+
+def outcome(result: dict | None, host: str, schema: str, mode: str, diff: bool = False,
             psycopg2_installed: bool = False, psycopg2_package: str = "python3-psycopg2",
-            drift_fails: bool = False) -> dict:
-    """{'report': the JSON report of this host, 'summary': lines to read, 'problems': what is wrong}."""
+            drift_fails: bool = False, variables: dict[str, str] | None = None) -> dict:
+    """{'report': the JSON report of this host, 'summary': lines to read, 'problems': what is wrong}.
+
+    The run's mode is pg_migrate's (it knows whether it ran in check mode, however that was set); `mode`,
+    the role's (deploy or verify), is only for a result that has none."""
     result = result if isinstance(result, dict) else {}
-    run_mode = "verify" if mode == "verify" else ("plan" if check else "deploy")
+    run_mode = result.get("mode") if result.get("mode") in ("deploy", "plan", "verify") else mode
     planning = run_mode != "deploy"
     psycopg2_missing = "missing_library" in result
     # A fresh host has no psycopg2 yet: its plan is the deploy's first step, not a failure.
-    failure = "" if psycopg2_missing and run_mode == "plan" else str(result.get("msg", ""))
+    failure = "" if psycopg2_missing and run_mode == "plan" else named(str(result.get("msg", "")), variables or {})
     if not failure and not psycopg2_missing and (result.get("failed") or "history_table" not in result):
         # A crash, a killed module, or no run at all: not a success, whatever else the result lacks.
         failure = ("pg_migrate returned no usable result (it crashed or was killed before it could report, and "
@@ -57,6 +69,8 @@ def outcome(result: dict | None, host: str, schema: str, mode: str, check: bool,
         "history_table": result.get("history_table", ""),
         "server_version": result.get("server_version", ""),
         "duration_ms": result.get("duration_ms", 0),
+        # pg_migrate's warnings (Ansible shows them too, in the module's words), as the role's variables say it.
+        "warnings": [named(str(w), variables or {}) for w in result.get("warnings", [])],
     }
     return {"report": report, "summary": summary(report, result, planning, diff, psycopg2_package),
             "problems": problems(report, drift_fails)}
@@ -110,6 +124,7 @@ def summary(report: dict, result: dict, planning: bool, diff: bool, psycopg2_pac
         lines.append(f"schema: not compared: {report['schema_not_compared']}")
     if report["history_table"]:
         lines.append(f"history: {report['history_table']}; pg_migrate took {report['duration_ms']} ms")
+    lines += [f"warning: {warning}" for warning in report["warnings"]]
     if diff:
         lines += [line for line in result.get("diff", {}).get("prepared", "").split("\n") if line]
     return lines
