@@ -10,11 +10,12 @@ SCENARIOS := default adopt failing-migration no-psycopg2 cd-over-ssh
 export MOLECULE_POSTGRES_IMAGE ?= stock-monitoring-db/postgres:15
 export MOLECULE_DEPLOY_HOST_IMAGE ?= stock-monitoring-db/deploy-host:12
 
-.PHONY: help setup host-deps servers lint pytest molecule images test demo demo-stop bench schema clean
+.PHONY: help setup host-deps servers lint unit pytest molecule images test demo demo-stop bench schema clean
 
 help:
 	@echo "make demo       throwaway PostgreSQL + deploy twice + verify (make demo-stop to end it)"
 	@echo "make test       lint, pytest against real PostgreSQL, every Molecule scenario (what CI runs)"
+	@echo "make unit       the tests that need no server (tests/unit), in seconds"
 	@echo "make setup      the .venv with ansible, psycopg2 and the test tools"
 	@echo "make schema     regenerate roles/stock_monitoring_db/files/schema.json after adding a migration"
 	@echo "make servers    fetch the server binaries of the PostgreSQL majors the tests use (13 to 18)"
@@ -42,6 +43,10 @@ lint: setup host-deps
 	zizmor --offline .github
 	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	check-jsonschema --builtin-schema vendor.github-actions .github/actions/*/action.yml
+
+# The tests that need no server: planning, reading SQL, the .env, the outcome and report, schema comparison.
+unit: setup
+	python -m pytest -q tests/unit
 
 # The server binaries of the other supported majors (and 13), fetched once into a cache (see scripts/pgcluster.py).
 servers: setup

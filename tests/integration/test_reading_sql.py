@@ -147,19 +147,10 @@ def test_a_failure_that_the_no_transaction_marker_would_fix_says_so(tmp_path, db
     assert "with '-- pg_migrate:no-transaction' in its first lines" in res["msg"] and "rolled back" in res["msg"]
 
 
-def test_standard_conforming_strings_on_as_pg_dump_writes_it_is_fine():
-    assert sql.analyse("001_x.sql", "SET standard_conforming_strings = on;\nSELECT 'a\\b';\n").get("problem") is None
-    assert sql.analyse("001_x.sql", "SET standard_conforming_strings TO 'on';\nRESET standard_conforming_strings;\n"
-                       ).get("problem") is None
 
 
-def test_savepoints_are_allowed_in_a_transactional_file():
-    assert sql.analyse("001_x.sql", "SAVEPOINT a;\nSELECT 1;\nROLLBACK TO SAVEPOINT a;\nRELEASE a;\n").get("problem") is None
 
 
-def test_no_transaction_statements_carry_their_lines_with_any_line_ending():
-    found = sql.analyse("001_x.sql", "\ufeff-- pg_migrate:no-transaction\r\nSELECT 1;\rSELECT 2;\n\nSELECT 3")
-    assert not found["transactional"] and [s[2] for s in found["statements"]] == [2, 3, 5]
 
 
 def test_a_database_name_cut_mid_character_is_refused_clearly(tmp_path, cluster):
