@@ -10,7 +10,7 @@ import time
 
 from ansible.module_utils.pg_migrate_connect import TIMEOUTS, Database
 from ansible.module_utils.pg_migrate_errors import statement_error
-from ansible.module_utils.pg_migrate_history import catalog_counts, record, wrote_catalog
+from ansible.module_utils.pg_migrate_history import catalog_counts, create_history, record, wrote_catalog
 from ansible.module_utils.pg_migrate_locks import LockRace, with_lock_retries
 from ansible.module_utils.pg_migrate_plan import LOCK_CONFLICTS, Attempt, Migration, MigrationError, first_line, option
 
@@ -28,7 +28,7 @@ RESET_SESSION = ("SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; RESET ALL; DEAL
 ONE_ATTEMPT = [Attempt(None, 0.0)]
 
 
-def apply(db: Database, mig: Migration, schedule: list[Attempt], create_history: bool, adopting: bool) -> dict:
+def apply(db: Database, mig: Migration, schedule: list[Attempt], first_file: bool, adopting: bool) -> dict:
     """Run one file from the session's defaults, then record it; a transactional file and its row commit
     together, and the whole file is what lock retries repeat.
 
@@ -37,11 +37,11 @@ def apply(db: Database, mig: Migration, schedule: list[Attempt], create_history:
     """
     began = time.monotonic()
     return with_lock_retries(schedule if mig.transactional else ONE_ATTEMPT,
-                             lambda attempt, step, last: apply_once(db, mig, schedule, create_history, adopting,
+                             lambda attempt, step, last: apply_once(db, mig, schedule, first_file, adopting,
                                                                     began, attempt, step, last))
 
 
-def apply_once(db: Database, mig: Migration, schedule: list[Attempt], create_history: bool, adopting: bool,
+def apply_once(db: Database, mig: Migration, schedule: list[Attempt], first_file: bool, adopting: bool,
                began: float, attempt: int, step: Attempt, last: bool) -> dict:
     cur = db.conn.cursor()
     try:
@@ -60,7 +60,7 @@ def apply_once(db: Database, mig: Migration, schedule: list[Attempt], create_his
         # The history row is written by the login, whatever role or settings the file chose.
         cur.execute("SET LOCAL SESSION AUTHORIZATION DEFAULT; SET LOCAL ROLE NONE" if mig.transactional
                     else "SET SESSION AUTHORIZATION DEFAULT; RESET ROLE")
-        if create_history:
+        if first_file:  # the history table comes after its statements (see apply)
             create_history(db)
         duration = (time.monotonic() - began) * 1000
         record(db, mig, duration, adopted, attempt)
