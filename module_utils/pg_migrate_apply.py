@@ -10,7 +10,7 @@ import time
 
 from ansible.module_utils.pg_migrate_connect import TIMEOUTS, Database
 from ansible.module_utils.pg_migrate_errors import statement_error
-from ansible.module_utils.pg_migrate_history import catalog_counts, create_history, record, wrote_catalog
+from ansible.module_utils.pg_migrate_history import catalog_counts, catalog_writes, create_history, record
 from ansible.module_utils.pg_migrate_locks import LockRace, with_lock_retries
 from ansible.module_utils.pg_migrate_plan import LOCK_CONFLICTS, Attempt, Migration, MigrationError, first_line, option
 
@@ -50,10 +50,10 @@ def apply_once(db: Database, mig: Migration, schedule: list[Attempt], first_file
                         {**db.timeouts(), "attempt": step.lock_timeout})
         else:
             cur.execute(RESET_SESSION + ("; BEGIN" if mig.transactional else ""), db.timeouts())
-        before = catalog_counts(db) if adopting and not mig.transactional else None
+        before = (catalog_writes(db) if mig.transactional else catalog_counts(db)) if adopting else None
         if mig.transactional:
             attempt = run_transactional(db, mig, attempt, step, last)
-            adopted = adopting and not wrote_catalog(db)
+            adopted = adopting and before == catalog_writes(db)
         else:
             attempt = run_statements(db, mig, schedule)  # the attempts of its most retried statement or block
             adopted = adopting and before == catalog_counts(db)
@@ -76,7 +76,9 @@ def apply_once(db: Database, mig: Migration, schedule: list[Attempt], first_file
 
 
 def in_transaction(db: Database) -> bool:
-    return db.conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE
+    """In a transaction block (a failed one too); not on a broken connection (unknown)."""
+    return db.conn.info.transaction_status in (psycopg2.extensions.TRANSACTION_STATUS_INTRANS,
+                                               psycopg2.extensions.TRANSACTION_STATUS_INERROR)
 
 
 def rollback(db: Database) -> None:
@@ -136,10 +138,12 @@ def run_unit(db: Database, mig: Migration, first: int, attempt: int, step: Attem
     """From statement `first`: that one statement, or, when it opens a block, every statement to the end of
     the block. The index after it, and the attempt."""
     with db.conn.cursor() as cur:
-        if step.lock_timeout:
-            cur.execute("SELECT set_config('lock_timeout', %s, false)", (step.lock_timeout,))
         index = first
+        start = mig.statements[first][0]
+        once = mig.statements[first][3]
         try:
+            if step.lock_timeout:
+                cur.execute("SELECT set_config('lock_timeout', %s, false)", (step.lock_timeout,))
             while True:
                 start, end, _line, once = mig.statements[index]
                 cur.execute(mig.text[start:end])

@@ -89,25 +89,19 @@ def tables(db: Database) -> list[str]:
     return [r[0] for r in rows]
 
 
-# The catalogs where what a migration creates or changes is written.
-CATALOGS = ("pg_class", "pg_attribute", "pg_constraint", "pg_namespace", "pg_proc", "pg_type", "pg_trigger",
-            "pg_policy", "pg_index", "pg_description", "pg_enum", "pg_sequence", "pg_extension")
-
-
-def wrote_catalog(db: Database) -> bool:
-    """Whether the open transaction (a transactional file's) wrote a catalog row: created, changed or replaced
-    an object. Other sessions' work, their temporary tables too, has other transaction ids."""
-    return db.query(
-        "SELECT txid_current_if_assigned() IS NOT NULL AND (" + " OR ".join(
-            f"EXISTS (SELECT 1 FROM pg_catalog.{name} WHERE xmin::text::bigint = txid_current_if_assigned() %% 4294967296)"
-            for name in CATALOGS) + ")")[0][0]
+def catalog_writes(db: Database) -> int:
+    """Rows this session has inserted, updated or deleted in the system catalogs, its open transaction's
+    (subtransactions included) among them: the same before and after a transactional file means the file
+    created, changed and dropped nothing. Other sessions, their temporary tables too, count apart."""
+    return db.query("SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0) "
+                    "FROM pg_catalog.pg_stat_xact_sys_tables WHERE schemaname = 'pg_catalog'")[0][0]
 
 
 def catalog_counts(db: Database) -> tuple:
     """Counts of catalog rows, without temporary objects (another session's come and go): equal before and
-    after a no-transaction file means it created nothing. A file that runs in a transaction is judged
-    exactly, by wrote_catalog."""
-    temporary = "nspname LIKE 'pg\\_temp\\_%%' OR nspname LIKE 'pg\\_toast\\_temp\\_%%'"
+    after a no-transaction file means it created and dropped nothing (its statements commit one by one,
+    which catalog_writes cannot follow)."""
+    temporary = "nspname ~ '^pg_(toast_)?temp_'"
     lasting = f"(SELECT oid FROM pg_namespace WHERE NOT ({temporary}))"
     relations = f"(SELECT oid FROM pg_class WHERE relnamespace IN {lasting})"
     return db.query(

@@ -77,6 +77,21 @@ def test_another_sessions_temporary_tables_do_not_change_what_adoption_finds(tmp
     assert [a["adopted"] for a in res["applied"]] == [True, True]
 
 
+def test_a_file_that_creates_something_in_a_subtransaction_while_adopting_is_not_adopted(tmp_path, db):
+    """The DO ... EXCEPTION WHEN duplicate_object idiom creates its object in a subtransaction: that is a
+    write of the file's, not something it found in place."""
+    db.create()
+    db.psql_files(*sorted(MIGRATIONS.glob("*.sql")))
+    mood = {"024_mood.sql": "DO $$BEGIN CREATE TYPE stock_monitoring.mood AS ENUM ('calm');\n"
+                            "EXCEPTION WHEN duplicate_object THEN NULL; END$$;\n"}
+    res, run = run_module(tmp_path, "pg_migrate", module_params(db, migrations={
+        **read_migrations(MIGRATIONS), **mood}))
+    assert run.rc == 0, run.output
+    assert [(a["name"], a["adopted"]) for a in res["applied"]] == [
+        ("022_stock_monitoring_schema.sql", True), ("023_stock_monitoring_notifications.sql", True),
+        ("024_mood.sql", False)]
+
+
 @pytest.mark.every_major
 def test_adopts_a_database_migrated_by_hand_with_psql(tmp_path, db):
     db.create()
