@@ -337,6 +337,7 @@ RETURN = r"""
 mode:
   description:
     - What the run did, V(deploy); V(plan) in check mode (nothing written); V(verify) with O(verify).
+      A O(drop_schema) run is V(deploy), or V(plan) in check mode.
   returned: always
   type: str
   sample: deploy
@@ -571,7 +572,7 @@ def resolve_login(params: dict) -> str | None:
         params["login_port"] = int(params["login_port"])
     else:
         if not params["login_db"]:
-            return "login_db is required when env_file is not given"
+            return f"{option('login_db')} is required when {option('env_file')} is not given"
         params.update({option: value for option, value in LOGIN_DEFAULTS.items() if params[option] is None})
     return None
 

@@ -126,7 +126,7 @@ def shares_server(conn: psycopg2.extensions.connection, connect: Callable[[], ps
 
 if psycopg2 is not None:
     class WatchedCursor(psycopg2.extensions.cursor):
-        """Marks on its connection when the query in flight started, for Session.watch_server."""
+        """Marks on its connection when the query in flight started, for Database.watch_server."""
 
         def execute(self, query: str | pgsql.Composable, vars: tuple | dict | None = None) -> None:
             self.connection.running_since = time.monotonic()
@@ -176,7 +176,7 @@ class Database:
         version = self.libpq
         settings = {"channel_binding": self.p["channel_binding"]} if version >= 130000 else {}
         if self.p["channel_binding"] == "require" and version < 130000:
-            self.warn(f"channel_binding require is not enforced: this host's libpq is {version // 10000}, and "
+            self.warn(f"{option('channel_binding')} require is not enforced: this host's libpq is {version // 10000}, and "
                       "channel binding needs 13 or newer")
         if self.p["require_auth"] and version >= 160000:
             settings["require_auth"] = self.p["require_auth"]
@@ -366,9 +366,9 @@ class Database:
         if reason == "auth_method":
             setting = self.p["require_auth"] or "libpq's default"
             return (f"PostgreSQL at {where} authenticates {user!r} in a way that {option('require_auth')} "
-                    f"({setting}, channel_binding {self.p['channel_binding']}) does not accept, so no password was "
-                    f"sent: {first_line(error)}. If this is your server, have its pg_hba.conf use scram-sha-256 for "
-                    f"{user!r} (and set the password again, so that it is stored as SCRAM), or set "
+                    f"({setting}, {option('channel_binding')} {self.p['channel_binding']}) does not accept, so no "
+                    f"password was sent: {first_line(error)}. If this is your server, have its pg_hba.conf use "
+                    f"scram-sha-256 for {user!r} (and set the password again, so that it is stored as SCRAM), or set "
                     f"{option('require_auth')} to the method it uses (scram-sha-256,none where it trusts this "
                     "host); if it is not, something else is answering on that port")
         if reason == "tls":

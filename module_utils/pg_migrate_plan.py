@@ -3,7 +3,7 @@
 """Migration files and the plan: names, checksums, and what the history says is pending.
 
 Plain functions, tested without a server. The SQL itself was read on the controller by the
-pg_migrate action plugin (PostgreSQL's own lexer); what it found arrives as `findings`.
+pg_migrate action plugin (PostgreSQL's own lexer); what it found arrives as `_findings`.
 """
 
 from __future__ import annotations

@@ -181,7 +181,7 @@ def compare_schema(db: Database, applied: dict[str, str]) -> dict:
             raise
         held = exclusive_lock_holders(db)
         return {"schema_compared": False, "schema_compare_blocked": True, "schema_differences": [],
-                "schema_not_compared": f"{held} (waited lock_timeout, {db.p['lock_timeout']}): run verify "
+                "schema_not_compared": f"{held} (waited {option('lock_timeout')}, {db.p['lock_timeout']}): run verify "
                                        "again when it is free"}
     return {"schema_compared": True, "schema_differences": differences(expected.get("objects", {}), actual)}
 

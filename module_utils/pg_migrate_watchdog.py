@@ -65,7 +65,7 @@ def watch_controller(conn_of: Callable[[], object], controller: int | None, tick
     Without this, ansible-playbook exits on Ctrl-C while the module's server session runs on to the end
     of its statement, holding the migration lock and the table locks. Cancelling rolls the file back;
     exiting closes the connection, which ends the session and releases the migration lock. `tick` runs
-    every interval in a thread of its own (Session.watch_server).
+    every interval in a thread of its own (Database.watch_server).
     """
     fd, chain = sys.stdout.fileno(), controller_chain(controller)
 

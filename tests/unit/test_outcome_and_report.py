@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from conftest import load_library
+import yaml
+from conftest import ROOT, load_library
 
 outcome = load_library("outcome", "roles/stock_monitoring_db/filter_plugins").outcome
 
@@ -53,3 +56,18 @@ def test_verify_fails_when_the_schema_file_cannot_describe_the_server_and_a_depl
     assert outcome(result, "h", "s", "verify")["problems"] == [
         "schema not compared: the schema file describes schema 'other', not 's'"]
     assert outcome(result, "h", "s", "deploy")["problems"] == []
+
+
+def test_every_option_the_role_sets_from_a_variable_is_named_as_that_variable():
+    """pg_migrate's messages say `option lock_retries`; the summary says the role variable behind it."""
+    role = ROOT / "roles" / "stock_monitoring_db"
+    names = yaml.safe_load((role / "vars" / "main.yml").read_text())["__stock_monitoring_db_option_names"]
+    for tasks in ("migrate.yml", "drop.yml"):
+        task = yaml.safe_load((role / "tasks" / tasks).read_text())[0]["pg_migrate"]
+        for option, value in task.items():
+            found = re.search(r"\b(stock_monitoring_db_\w+)", str(value))
+            if found and not found.group(1).startswith("stock_monitoring_db_mode"):
+                assert names.get(option) == found.group(1), (tasks, option)
+    message = "It lost the race on each of 3 attempts (option lock_retries); set option schema"
+    assert outcome({"msg": message, **LOGIN}, "h", "s", "deploy", variables=names)["problems"] == [
+        "It lost the race on each of 3 attempts (stock_monitoring_db_lock_retries); set stock_monitoring_db_schema"]

@@ -27,7 +27,7 @@ def outcome(result: dict | None, host: str, schema: str, mode: str, diff: bool =
     """{'report': the JSON report of this host, 'summary': lines to read, 'problems': what is wrong}.
 
     The run's mode is pg_migrate's (it knows whether it ran in check mode, however that was set); `mode`,
-    the role's (deploy or verify), is only for a result that has none."""
+    what the role expects (deploy, plan or verify), is only for a result that has none (a crash)."""
     result = result if isinstance(result, dict) else {}
     run_mode = result.get("mode") if result.get("mode") in ("deploy", "plan", "verify") else mode
     planning = run_mode != "deploy"
@@ -63,7 +63,7 @@ def outcome(result: dict | None, host: str, schema: str, mode: str, diff: bool =
         "unexpected_tables": list(result.get("unexpected_tables", [])),
         "schema_compared": result.get("schema_compared"),
         "schema_differences": list(result.get("schema_differences", [])),
-        "schema_not_compared": result.get("schema_not_compared", ""),
+        "schema_not_compared": named(str(result.get("schema_not_compared", "")), variables or {}),
         "schema_file_unusable": bool(result.get("schema_file_unusable", False)),
         "schema_compare_blocked": bool(result.get("schema_compare_blocked", False)),
         "history_table": result.get("history_table", ""),
