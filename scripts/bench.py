@@ -547,7 +547,7 @@ summary). A no-op hardly grows with the number of files: it is one history query
 controller's parser reads small files quickly. A no-op deploy is one module execution plus the
 `ansible-playbook` start; the rest of its cost is the controller's: the role's argument validation
 and its `set_fact` and `assert` tasks, most of them skipped, and the comparison with the schema file
-(one catalog query, see "Verifying the whole schema" in the README). The eight concurrent deploys
+(one catalog query, see [Verifying the whole schema](deploying.md#verifying-the-whole-schema)). The eight concurrent deploys
 are bound by eight Ansible processes on the machine's cores, not by the database lock. For scale
 (from the tools' own measurements, not this bench): dbmate applies the 500 files in about 2.4 s; a
 loop of `community.postgresql.postgresql_script` tasks needs about 116 s. Read the ratios as orders
@@ -563,7 +563,7 @@ on the same file, in the same run. A transactional file is, for `pg_migrate`, on
 commit, where psql makes a round trip and a commit per statement; on top of the server's time,
 `pg_migrate` reads each file with PostgreSQL's parser on the controller and moves it to the target.
 The DDL file in one transaction locks all its 690,000 objects: the bench's server has
-`max_locks_per_transaction = 8192` (see "How pg_migrate runs a file" in the README).
+`max_locks_per_transaction = 8192` (see [How pg_migrate runs a file](design.md#how-pg_migrate-runs-a-file-and-why)).
 
 ## On a busy table (`BENCH=live`)
 

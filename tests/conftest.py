@@ -18,11 +18,13 @@ from pathlib import Path
 import ansible.module_utils
 import psycopg2
 import pytest
+import yaml
 from psycopg2 import sql
 
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = ROOT / "roles" / "stock_monitoring_db" / "files" / "migrations"
-EXPECTED = ["alerts", "audit_log", "notifications", "watchlist_items", "watchlists"]
+DEFAULTS = yaml.safe_load((ROOT / "roles" / "stock_monitoring_db" / "defaults" / "main.yml").read_text())
+EXPECTED = DEFAULTS["stock_monitoring_db_expected_tables"]  # the role's list, written once
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import sshhost

@@ -276,14 +276,6 @@ def test_port_that_is_not_a_number_is_named(tmp_path, db):
     assert f"POSTGRES_PORT in {tmp_path / '.env'} is not a port number (digits only, e.g. 5432)" in res.output
 
 
-
-
-
-
-
-
-
-
 def test_messages_name_the_role_variables_a_user_sets(tmp_path, db):
     assert play(tmp_path, db).rc == 0
     edited = write_migrations(tmp_path / "edited", {"022_stock_monitoring_schema.sql": (
@@ -309,8 +301,6 @@ def test_a_history_row_deleted_by_hand_is_not_answered_with_renumber(tmp_path, d
     assert res.rc != 0 and "022_stock_monitoring_schema.sql" in res.output
     assert "its history row was deleted" in res.output and "stock_monitoring_db_out_of_order=apply" in res.output, \
         res.output
-
-
 
 
 def test_a_schema_file_that_does_not_exist_is_named_not_ignored(tmp_path, db):

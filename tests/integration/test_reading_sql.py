@@ -147,12 +147,6 @@ def test_a_failure_that_the_no_transaction_marker_would_fix_says_so(tmp_path, db
     assert "with '-- pg_migrate:no-transaction' in its first lines" in res["msg"] and "rolled back" in res["msg"]
 
 
-
-
-
-
-
-
 def test_a_database_name_cut_mid_character_is_refused_clearly(tmp_path, cluster):
     name = "données_" + "é" * 30  # 68 bytes in UTF-8: PostgreSQL would cut it inside a character
     res, run = run_module(tmp_path, "pg_migrate", module_params(Db(cluster, name), on_missing_database="create"))

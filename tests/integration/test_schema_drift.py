@@ -158,10 +158,6 @@ def test_lint_fails_when_the_schema_file_is_stale_naming_the_migration(tmp_path)
     assert sorted(described["migrations"]) == sorted(p.name for p in MIGRATIONS.glob("*.sql"))
 
 
-
-
-
-
 def test_a_table_held_by_maintenance_neither_hides_what_was_applied_nor_passes_verify(tmp_path, db):
     """The comparison reads definitions with PostgreSQL's deparse functions, which take ACCESS SHARE on each
     table: with one held (VACUUM FULL, a long ALTER), the deploy still reports what it applied, and says it
