@@ -22,10 +22,16 @@ description:
     task, the task and the message it failed with.
   - A relative file name is taken from the directory ansible-playbook was started in.
   - The file is replaced whole (written beside it, then renamed).
+  - It also writes the reviewed plan (C(stock_monitoring_db_plan_out)) of a plan run, one file with an
+    entry per host (the pg_migrate plan entry and the summary of each). When a host that asked for it
+    failed, no plan is written (and one left at that path from before is removed), since a plan of part
+    of the inventory is not the plan that was reviewed.
 requirements:
   - enabled in ansible.cfg (callbacks_enabled)
 """
 
+import datetime
+import hashlib
 import json
 import os
 import tempfile
@@ -43,7 +49,22 @@ def failure_entry(host: str, mode: str, task: str, message: str, unreachable: bo
     return {"host": host, "mode": mode, "failure": message, "failed_task": task, "unreachable": unreachable}
 
 
-def write_report(path: str, entries: list[dict]) -> None:
+PLAN_FORMAT = "stock-monitoring-db plan"
+PLAN_VERSION = 1
+
+
+def plan_id(plan: dict) -> str:
+    """The SHA-256 of the plan without its id, as the role's plan_file lookup checks it."""
+    body = {key: value for key, value in plan.items() if key != "id"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def make_plan_file(hosts: dict[str, dict], created_at: str) -> dict:
+    plan = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "created_at": created_at, "hosts": hosts}
+    return {**plan, "id": plan_id(plan)}
+
+
+def write_report(path: str, entries: list[dict] | dict) -> None:
     folder = os.path.dirname(path) or "."
     with tempfile.NamedTemporaryFile("w", dir=folder, prefix=".report-", suffix=".json", delete=False,
                                      encoding="utf-8") as stream:
@@ -62,8 +83,9 @@ class CallbackModule(CallbackBase):
     def __init__(self) -> None:
         super().__init__()
         self.started_in = os.getcwd()
-        self.requests: dict[str, dict] = {}  # host: {"file": ..., "mode": ...}
+        self.requests: dict[str, dict] = {}  # host: {"file": ..., "plan_out": ..., "mode": ...}
         self.entries: dict[str, dict] = {}  # host: its report, or how it stopped
+        self.failed: set[str] = set()
 
     def v2_runner_on_ok(self, result: CallbackTaskResult) -> None:
         host, facts = result.host.get_name(), result.result.get("ansible_facts", {})
@@ -72,12 +94,14 @@ class CallbackModule(CallbackBase):
             # The mode of a host that stops before pg_migrate reports its own: check mode as this task ran
             # in it (--check, or check_mode set on the play or the role), as pg_migrate will.
             mode = "verify" if request.get("mode") == "verify" else ("plan" if result.task.check_mode else "deploy")
-            self.requests[host] = {"file": os.path.join(self.started_in, str(request["file"])), "mode": mode}
+            self.requests[host] = {"mode": mode, **{key: os.path.join(self.started_in, str(request[key]))
+                                                    if request.get(key) else "" for key in ("file", "plan_out")}}
         if isinstance(facts.get(REPORT), dict):
             self.entries[host] = facts[REPORT]
 
     def stopped(self, result: CallbackTaskResult, unreachable: bool) -> None:
         host = result.host.get_name()
+        self.failed.add(host)
         if host in self.requests and host not in self.entries:
             message = str(result.result.get("msg", "")) or "failed (the result is hidden by no_log)"
             self.entries[host] = failure_entry(host, self.requests[host]["mode"], result.task_name, message,
@@ -92,11 +116,34 @@ class CallbackModule(CallbackBase):
 
     def v2_playbook_on_stats(self, stats: AggregateStats) -> None:
         files: dict[str, list[dict]] = {}
+        plans: dict[str, dict[str, dict | None]] = {}
         for host, request in self.requests.items():
-            files.setdefault(request["file"], []).append(self.entries.get(host) or failure_entry(
-                host, request["mode"], "", "the run ended before this host's outcome was known", False))
+            entry = self.entries.get(host) or failure_entry(
+                host, request["mode"], "", "the run ended before this host's outcome was known", False)
+            if request["file"]:
+                files.setdefault(request["file"], []).append(entry)
+            if request["plan_out"]:
+                whole = host not in self.failed and isinstance(entry.get("plan"), dict)
+                plans.setdefault(request["plan_out"], {})[host] = \
+                    {**entry["plan"], "summary": entry.get("summary", [])} if whole else None
         for path, entries in files.items():
             try:
                 write_report(path, entries)
             except OSError as exc:
                 self._display.error(f"The JSON report {path} could not be written: {exc.strerror}")
+        for path, hosts in plans.items():
+            self.write_plan(path, hosts)
+
+    def write_plan(self, path: str, hosts: dict[str, dict | None]) -> None:
+        missing = sorted(host for host, entry in hosts.items() if entry is None)
+        try:
+            if missing:
+                if os.path.lexists(path):
+                    os.unlink(path)
+                self._display.error(f"The plan {path} was not written: {', '.join(missing)} did not plan (see above), "
+                                    "and a plan of part of the inventory is not one to review")
+                return
+            created = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            write_report(path, make_plan_file(hosts, created))
+        except OSError as exc:
+            self._display.error(f"The plan {path} could not be written: {exc.strerror}")

@@ -280,6 +280,25 @@ options:
       - A missing database is reported (RV(database_exists) false) whatever O(on_missing_database) says.
     type: bool
     default: false
+  plan_out:
+    description:
+      - In check mode, also return RV(plan), this database's entry of a reviewed plan, for O(expected_plan) to
+        apply later. It costs two catalog queries (the database's identity and the managed schema).
+      - Only with check mode, and not with O(verify).
+    type: bool
+    default: false
+  expected_plan:
+    description:
+      - Apply exactly this reviewed plan (an RV(plan) entry, with the plan's C(id), C(created_at) and C(file)),
+        as C(terraform apply PLANFILE) does.
+      - Under the migration lock and before writing anything, the run compares the database's identity, its
+        history rows, the managed schema and the planned files' checksums with what the plan saw. On any
+        difference it fails naming each one, and nothing is applied or recorded (RV(plan_differences)).
+      - Only the planned files run; a file added since is not applied (RV(left_out), and a warning). Each
+        history row records the plan's id in a C(plan) column (added to an older history table). A plan
+        whose files are all recorded with its id was applied before, and nothing runs.
+      - In check mode, the same comparison, and the plan it would apply. Not with O(verify) or O(plan_out).
+    type: dict
 attributes:
   check_mode:
     description: Can run in check mode and return a changed status prediction without modifying the target.
@@ -459,6 +478,31 @@ files:
   type: list
   elements: str
   sample: [022_stock_monitoring_schema.sql]
+plan:
+  description:
+    - This database's entry of a reviewed plan (O(plan_out)). C(database) is its identity (C(system_identifier)
+      where the login may read it, else null; C(database), C(database_oid), null when it is missing; C(host),
+      C(port)); C(pending) the files to apply with their checksums; C(accepted) the accepted edits; C(history)
+      and C(history_sha256) the history rows read; C(schema_objects) and C(schema_sha256) a digest of each
+      object of O(schema). Nothing of it is secret.
+  returned: in check mode with O(plan_out)
+  type: dict
+applied_plan:
+  description:
+    - The reviewed plan applied (O(expected_plan)), its C(id) and C(created_at); C(applied_before) when it had
+      been applied already and nothing ran.
+  returned: with O(expected_plan), when it matched
+  type: dict
+left_out:
+  description: Pending files that are not in the reviewed plan, so not applied.
+  returned: with O(expected_plan), when it matched
+  type: list
+  elements: dict
+plan_differences:
+  description: Each way the database or the files differ from the reviewed plan; the run then applied nothing.
+  returned: when O(expected_plan) was refused
+  type: list
+  elements: str
 server_version:
   description: Version of the PostgreSQL server.
   returned: when the server was reached
@@ -485,6 +529,7 @@ from ansible.module_utils.pg_migrate_plan import (
     option,
     seconds,
 )
+from ansible.module_utils.pg_migrate_reviewed import plan_entry
 from ansible.module_utils.pg_migrate_run import drop_schema, migrate
 from ansible.module_utils.pg_migrate_schema import schema_file_problem
 from ansible.module_utils.pg_migrate_watchdog import watch_controller
@@ -528,6 +573,8 @@ ARGUMENT_SPEC = {
         "times": {"type": "int", "default": 1}}},
     "expected_schema": {"type": "dict"},
     "verify": {"type": "bool", "default": False},
+    "plan_out": {"type": "bool", "default": False},
+    "expected_plan": {"type": "dict"},
     # Set by the action plugin on the controller, never by a task (it drops them from the task's arguments):
     # what the SQL parser found in each file; the file the migrations travel in when large, and its SHA-256;
     # on a local connection, the ansible-playbook worker the watchdog watches (see pg_migrate_watchdog).
@@ -583,7 +630,27 @@ def login_of(params: dict) -> dict:
             "database": params["login_db"]}
 
 
-def input_problem(params: dict) -> str | None:
+PLAN_KEYS = {"id": str, "created_at": str, "file": str, "database": (dict, type(None)), "pending": list,
+             "accepted": list, "history": (list, type(None)), "schema_objects": (dict, type(None))}
+
+
+def plan_problem(params: dict, check_mode: bool) -> str | None:
+    """A reviewed plan is written by a plan and applied by a deploy, one at a time."""
+    if params["plan_out"] and (not check_mode or params["verify"] or params["expected_plan"]):
+        return (f"{option('plan_out')} is written by a plan: run in check mode (--check), without "
+                f"{option('expected_plan')}, and not as a verify")
+    expected = params["expected_plan"]
+    if expected is None:
+        return None
+    if params["verify"] or params["drop_schema"]:
+        return f"{option('expected_plan')} is applied by a deploy, not by a verify or a drop of the schema"
+    wrong = [key for key, kind in PLAN_KEYS.items() if not isinstance(expected.get(key), kind)]
+    if wrong:
+        return f"{option('expected_plan')} is not a plan entry (missing or wrong: {', '.join(wrong)})"
+    return None
+
+
+def input_problem(params: dict, check_mode: bool = False) -> str | None:
     """What is wrong with the options before any connection, in the words of the option."""
     for key in DURATION_OPTIONS:
         try:
@@ -601,6 +668,9 @@ def input_problem(params: dict) -> str | None:
             return f"{option(key)} holds a NUL character, which no connection can carry"
     if params["connect_timeout"] < 0:
         return f"{option('connect_timeout')} must be 0 (no limit) or more seconds"
+    problem = plan_problem(params, check_mode)
+    if problem:
+        return problem
     problem = require_auth_problem(params["require_auth"])
     if problem:
         return f"{option('require_auth')}={params['require_auth']!r}: {problem}"
@@ -660,12 +730,15 @@ def main() -> None:
     if psycopg2 is None:
         # Nothing can be compared with the database: name the files, so that a plan can list them.
         try:
-            files = sorted(read_migrations(module.params)[0])
+            sent = read_migrations(module.params)
+            if module.params["plan_out"] and module.check_mode:  # a plan of the files alone: see plan_entry
+                common["plan"] = plan_entry(None, None, None, load_migrations(*sent), None)
         except MigrationError as exc:
             module.fail_json(msg=exc.msg, **common)
+        files = sorted(sent[0])
         module.fail_json(msg=missing_required_lib("psycopg2"), missing_library="psycopg2", files=files,
                          exception=PSYCOPG2_IMPORT_ERROR, **common)
-    problem = input_problem(module.params)
+    problem = input_problem(module.params, module.check_mode)
     if problem:
         module.fail_json(msg=problem, **common)
     began = time.monotonic()

@@ -39,6 +39,7 @@ SELECT n.oid IS NOT NULL, pg_get_userbyid(n.nspowner), n.oid IS NULL OR n.nspown
        has_database_privilege(current_database(), 'CREATE'),
        n.oid IS NOT NULL AND has_schema_privilege(n.oid, 'CREATE'),
        EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = c.oid AND attname = 'attempts' AND NOT attisdropped),
+       EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = c.oid AND attname = 'plan' AND NOT attisdropped),
        current_setting('standard_conforming_strings')
 FROM (SELECT 1) one
 LEFT JOIN pg_namespace n ON n.nspname = %(schema)s
@@ -54,7 +55,8 @@ def inspect(db: Database) -> dict:
     """
     row = db.query(INSPECT, {"schema": db.schema, "table": db.table})[0]
     (schema_exists, schema_owner, schema_trusted, history_exists, table_owner, table_trusted, relkind,
-     attachments, has_tables, can_create_schema, can_create_in_schema, has_attempts, standard_strings) = row
+     attachments, has_tables, can_create_schema, can_create_in_schema, has_attempts, has_plan,
+     standard_strings) = row
     user = db.p["login_user"]
     for exists, trusted, kind, name, owner in (
             (schema_exists, schema_trusted, "Schema", db.schema, schema_owner),
@@ -74,12 +76,14 @@ def inspect(db: Database) -> dict:
     return {"schema_exists": schema_exists, "history_exists": history_exists,
             "adopting": not history_exists and has_tables,
             "can_create_schema": can_create_schema, "can_create_in_schema": can_create_in_schema,
-            "history_has_attempts": has_attempts, "standard_strings": standard_strings}
+            "history_has_attempts": has_attempts, "history_has_plan": has_plan, "standard_strings": standard_strings}
 
 
-def read_history(db: Database) -> dict[int, dict]:
-    rows = db.query(pgsql.SQL("SELECT version, name, checksum FROM {}").format(db.history_ident()))
-    return {int(v): {"name": n, "checksum": c} for v, n, c in rows}
+def read_history(db: Database, with_plan: bool = False) -> dict[int, dict]:
+    """{version: {name, checksum, plan}}: plan is the reviewed plan a row was applied from (None: none)."""
+    rows = db.query(pgsql.SQL("SELECT version, name, checksum, {} FROM {}").format(
+        pgsql.SQL("plan" if with_plan else "NULL"), db.history_ident()))
+    return {int(v): {"name": n, "checksum": c, "plan": p} for v, n, c, p in rows}
 
 
 def tables(db: Database) -> list[str]:
@@ -145,20 +149,27 @@ def create_history(db: Database) -> None:
         " source text NOT NULL DEFAULT '',"
         " attempts integer NOT NULL DEFAULT 1,"
         " previous_checksum text,"
-        " checksum_accepted_at timestamptz)").format(db.history_ident()))
+        " checksum_accepted_at timestamptz,"
+        " plan text)").format(db.history_ident()))
 
 
-def add_attempts_column(db: Database) -> None:
-    """A history table made before attempts were recorded gets the column."""
-    db.query(pgsql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 1").format(
-        db.history_ident()))
+def add_columns(db: Database, state: dict) -> None:
+    """A history table made before attempts, or the reviewed plan of a row, were recorded gets the column."""
+    if not state["history_has_attempts"]:
+        db.query(pgsql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS attempts integer NOT NULL DEFAULT 1").format(
+            db.history_ident()))
+    if not state["history_has_plan"] and db.p["expected_plan"]:
+        db.query(pgsql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS plan text").format(db.history_ident()))
 
 
 def record(db: Database, mig: Migration, duration_ms: float, adopted: bool, attempts: int) -> None:
+    """The file's history row; with a reviewed plan, the plan's id too (the column is there then)."""
+    plan = db.p["expected_plan"]
     db.query(pgsql.SQL("INSERT INTO {} (version, name, checksum, duration_ms, transactional, adopted, host, source, "
-                       "attempts) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)").format(db.history_ident()),
+                       "attempts{}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s{})").format(
+        db.history_ident(), pgsql.SQL(", plan" if plan else ""), pgsql.SQL(", %s" if plan else "")),
              (mig.version, mig.name, mig.checksum, round(duration_ms, 3), mig.transactional, adopted,
-              socket.gethostname(), db.p["source"], attempts))
+              socket.gethostname(), db.p["source"], attempts) + ((plan["id"],) if plan else ()))
 
 
 def accept(db: Database, change: dict) -> None:

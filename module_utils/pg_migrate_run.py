@@ -10,7 +10,7 @@ from ansible.module_utils.pg_migrate_connect import Database
 from ansible.module_utils.pg_migrate_database import can_create_databases, create_database, no_createdb
 from ansible.module_utils.pg_migrate_history import (
     accept,
-    add_attempts_column,
+    add_columns,
     check_privileges,
     inspect,
     read_history,
@@ -28,6 +28,15 @@ from ansible.module_utils.pg_migrate_plan import (
     make_plan,
     option,
 )
+from ansible.module_utils.pg_migrate_reviewed import (
+    file_differences,
+    follow,
+    identity,
+    plan_entry,
+    refuse,
+    schema_objects,
+    server_differences,
+)
 from ansible.module_utils.pg_migrate_schema import SNAPSHOT, differences, not_compared
 
 try:
@@ -38,24 +47,39 @@ except ImportError:  # pg_migrate reports it through missing_required_lib
 
 
 def migrate(db: Database, migrations: list[Migration]) -> tuple[dict, list[Migration]]:
-    """The result, and the files that ran (or would run, in a plan)."""
+    """The result, and the files that ran (or would run, in a plan). With plan_out, a plan also returns its
+    entry of the reviewed plan; with expected_plan, a deploy applies that plan or refuses it."""
+    reviewed = db.p["expected_plan"]
     result: dict = {"changed": False, "database_exists": True, "database_created": False, "adopting": False,
                     "applied": [], "pending": [], "already_applied": [], "accepted": [], "drift": [],
                     "lock_wait_ms": 0.0, "history_table": db.history}
+    if reviewed:  # a planned file edited since: refused before connecting, or creating the database
+        refuse(db, reviewed, file_differences(reviewed, migrations))
     if not ensure_database(db, result):  # a plan or a verify of a missing database
         check_runnable(migrations)  # a broken file shows in the plan already
         result.update(pending=[m.summary() for m in migrations],
                       changed=db.mode == "plan" and db.p["on_missing_database"] == "create")
         if db.p["expected_tables"] is not None:
             result.update(tables=[], missing_tables=sorted(db.p["expected_tables"]), unexpected_tables=[])
+        if db.p["plan_out"]:
+            result["plan"] = plan_entry(identity(db, database_exists=False), {}, None, migrations, {})
         return result, migrations
     result["server_version"] = db.server_version()
     if not db.check:
         result["lock_wait_ms"] = round(migration_lock(db), 3)
     state = inspect(db)
-    rows = read_history(db) if state["history_exists"] else {}
+    rows = read_history(db, state["history_has_plan"]) if state["history_exists"] else {}
     result["adopting"] = state["adopting"]
+    ident = identity(db) if reviewed or db.p["plan_out"] else None
+    if reviewed and result["database_created"]:  # missing when the plan was made, created by this run as planned
+        ident["database_oid"] = None
+    # The schema as the plan saw it, or as applying finds it: read under the lock, before anything is written.
+    objects = schema_objects(db) if db.p["plan_out"] or (reviewed and not db.verify) else None
     plan = make_plan(migrations, rows, db.p["accepted_changes"], db.p["unknown_versions"], db.p["out_of_order"])
+    if reviewed:
+        plan = follow(db, reviewed, ident, rows, migrations, plan, objects, result)
+    if db.p["plan_out"]:
+        result["plan"] = plan_entry(ident, rows, plan, plan.pending, objects)
     result.update(already_applied=[{"version": m.version, "name": m.name} for m in plan.already_applied],
                   accepted=plan.accepted, drift=plan.drift)
     check_plan(db, plan, state)
@@ -89,6 +113,15 @@ def ensure_database(db: Database, result: dict) -> bool:
                                  f"or set {option('on_missing_database')}=create") from missing
         if db.mode == "plan" and creating and not can_create_databases(db):
             raise no_createdb(db) from None  # the plan predicts the failure the deploy would have
+        # A reviewed plan must be for this server, and for a database it found missing too.
+        if db.p["expected_plan"] and db.p["expected_plan"]["database"]:
+            found = server_differences(db.p["expected_plan"], identity(db, database_exists=False))
+            if db.p["expected_plan"]["database"]["database_oid"] is not None:
+                found.append(f"database {db.p['login_db']!r} does not exist, and did when the plan was made")
+            if found:
+                raise MigrationError(f"The reviewed plan {db.p['expected_plan']['file']} is not for database "
+                                     f"{db.p['login_db']!r} on {db.where}, so nothing was created or applied: "
+                                     + "; ".join(found), plan_differences=found)
         if db.check or not creating:
             result["database_exists"] = False
             return False
@@ -125,8 +158,8 @@ def check_plan(db: Database, plan: Plan, state: dict) -> None:
 
 def apply_plan(db: Database, plan: Plan, state: dict, result: dict) -> None:
     """Accept the changed checksums the user listed, then apply the pending files in order."""
-    if plan.pending and state["history_exists"] and not state["history_has_attempts"]:
-        add_attempts_column(db)
+    if plan.pending and state["history_exists"]:
+        add_columns(db, state)
     for change in plan.accepted:
         accept(db, change)
         result["changed"] = True

@@ -223,7 +223,8 @@ def test_one_duration_reader_serves_the_timeouts_and_the_lock_schedule():
     params = {"lock_timeout": "1.5s", "statement_timeout": "15min", "lock_retries": [],
               "login_host": "h", "login_user": "u", "login_password": "", "login_db": "d", "maintenance_db": "postgres",
               "application_name": "a", "require_auth": "", "connect_timeout": 10, "schema": "s",
-              "history_table": "pg_migrate_history"}
+              "history_table": "pg_migrate_history", "plan_out": False, "expected_plan": None, "verify": False,
+              "drop_schema": False}
     assert module.input_problem(params) is None and pm.seconds("1.5s") == 1.5
     with pytest.raises(ValueError, match="is not a duration"):
         pm.seconds("\u0665s")

@@ -72,8 +72,12 @@ def outcome(result: dict | None, host: str, schema: str, mode: str, diff: bool =
         # pg_migrate's warnings (Ansible shows them too, in the module's words), as the role's variables say it.
         "warnings": [named(str(w), variables or {}) for w in result.get("warnings", [])],
     }
-    return {"report": report, "summary": summary(report, result, planning, diff, psycopg2_package),
-            "problems": problems(report, drift_fails)}
+    # The reviewed plan: this host's entry of a plan written (plan_out), or the plan applied and what it left out.
+    report.update({key: result[key] for key in ("plan", "applied_plan", "left_out", "plan_differences")
+                   if key in result})
+    lines = summary(report, result, planning, diff, psycopg2_package)
+    report["summary"] = lines
+    return {"report": report, "summary": lines, "problems": problems(report, drift_fails)}
 
 
 def summary(report: dict, result: dict, planning: bool, diff: bool, psycopg2_package: str) -> list[str]:
@@ -103,6 +107,7 @@ def summary(report: dict, result: dict, planning: bool, diff: bool, psycopg2_pac
     if report["pending"]:
         state = "would apply" if planning else "not applied"
         lines.append(f"pending ({state}): {', '.join(p['name'] for p in report['pending'])}")
+    lines += plan_lines(report)
     if "already_applied" in result:
         lines.append(f"already applied: {', '.join(report['already_applied']) or 'none'}")
     if report["accepted"]:
@@ -127,6 +132,22 @@ def summary(report: dict, result: dict, planning: bool, diff: bool, psycopg2_pac
     lines += [f"warning: {warning}" for warning in report["warnings"]]
     if diff:
         lines += [line for line in result.get("diff", {}).get("prepared", "").split("\n") if line]
+    return lines
+
+
+def plan_lines(report: dict) -> list[str]:
+    """What the summary says of a reviewed plan: the entry written, or the plan applied."""
+    lines = []
+    if "plan" in report:
+        entry = report["plan"]
+        lines.append(f"reviewed plan: {len(entry['pending'])} file(s) to apply, over {len(entry['history'])} history "
+                     f"row(s) and schema fingerprint {entry['schema_sha256'][:12]}")
+    if "applied_plan" in report:
+        applied = report["applied_plan"]
+        before = "; applied before, nothing to do" if applied["applied_before"] else ""
+        lines.append(f"reviewed plan: {applied['id'][:12]}, made {applied['created_at']}{before}")
+    if report.get("left_out"):
+        lines.append(f"left out (not in the reviewed plan): {', '.join(m['name'] for m in report['left_out'])}")
     return lines
 
 
@@ -165,9 +186,10 @@ def drift_text(drift: list[dict]) -> str:
     return ", ".join(f"{d['name']} {d['kind']}" for d in drift)
 
 
-def report_problem(path: str) -> str:
-    """Why the JSON report could not be written at the end of the run, found before anything runs (on the
-    controller, where the report callback writes it, from the directory ansible-playbook started in)."""
+def report_problem(path: str, what: str = "JSON report", variable: str = "stock_monitoring_db_report_file") -> str:
+    """Why the JSON report (or the reviewed plan) could not be written at the end of the run, found before
+    anything runs (on the controller, where the report callback writes it, from the directory
+    ansible-playbook started in)."""
     target = os.path.abspath(path)
     folder = os.path.dirname(target)
     if os.path.isdir(target):
@@ -180,7 +202,7 @@ def report_problem(path: str) -> str:
         why = f"its directory {folder} is not writable"
     else:
         return ""
-    return f"The JSON report {path} cannot be written: {why}. Fix stock_monitoring_db_report_file; nothing was run"
+    return f"The {what} {path} cannot be written: {why}. Fix {variable}; nothing was run"
 
 
 class FilterModule:
