@@ -96,11 +96,15 @@ def test_the_cd_sequence_over_ssh_plans_deploys_verifies_and_then_changes_nothin
     ci_ssh_setup(runner_temp, key, ssh_host.known_hosts_line)
     job_env = ci_ssh_setup(runner_temp, key, ssh_host.known_hosts_line)  # a second run in one job works too
     # A relative report path is taken from where the step runs, as any path on a command line.
-    plan = cd_playbook("plan", inventory, job_env, runner_temp, STOCK_MONITORING_DB_REPORT="plan-report.json")
+    plan = cd_playbook("plan", inventory, job_env, runner_temp, STOCK_MONITORING_DB_REPORT="plan-report.json",
+                       STOCK_MONITORING_DB_PLAN="plan.json", GITHUB_STEP_SUMMARY=str(runner_temp / "summary.md"))
     assert plan.rc == 0 and "database: would be created" in plan.output, plan.output
     assert json.loads((runner_temp / "plan-report.json").read_text())[0]["mode"] == "plan" and not db.exists()
-    deploy = cd_playbook("deploy", inventory, job_env, runner_temp)
+    reviewed = json.loads((runner_temp / "plan.json").read_text())
+    assert f"## Database plan `{reviewed['id'][:12]}`" in (runner_temp / "summary.md").read_text()
+    deploy = cd_playbook("deploy", inventory, job_env, runner_temp, STOCK_MONITORING_DB_PLAN="plan.json")
     assert deploy.rc == 0 and "applied: 022_stock_monitoring_schema.sql" in deploy.output, deploy.output
+    assert db.query("SELECT DISTINCT plan FROM stock_monitoring.pg_migrate_history") == [(reviewed["id"],)]
     verify = cd_playbook("verify", inventory, job_env, runner_temp)
     assert verify.rc == 0, verify.output
     again = cd_playbook("deploy", inventory, job_env, runner_temp)

@@ -218,3 +218,11 @@ def test_a_plan_made_and_applied_by_a_login_that_is_not_a_superuser(tmp_path, db
     finally:
         db.drop()
         db.query("DROP ROLE IF EXISTS smdb_plan_owner", dbname="postgres")
+
+
+def test_a_plan_path_that_cannot_be_written_is_refused_before_anything_runs(tmp_path, db):
+    target = tmp_path / "missing" / "plan.json"
+    res = play(tmp_path, db, args=["--check"], extra={"stock_monitoring_db_plan_out": str(target),
+                                                      "stock_monitoring_db_report_file": str(tmp_path / "r.json")})
+    assert res.rc != 0 and f"The reviewed plan {target} cannot be written: its directory" in res.output, res.output
+    assert "Fix stock_monitoring_db_plan_out; nothing was run" in " ".join(res.output.split())
