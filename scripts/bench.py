@@ -38,7 +38,7 @@ from pgcluster import Cluster
 MIGRATIONS = ROOT / "roles" / "stock_monitoring_db" / "files" / "migrations"
 DOC = ROOT / "docs" / "benchmark.md"
 PLOT = ROOT / "docs" / "img" / "busy-table-latency.png"
-SECTIONS = ("small", "big", "live")  # in the order of docs/benchmark.md
+SECTIONS = ("small", "plan", "big", "live")  # in the order of docs/benchmark.md
 BIN = Path(sys.executable).parent
 # Actions that run on the controller; every other task result is a module execution on the host.
 CONTROLLER_ONLY = {"ansible.builtin.set_fact", "ansible.builtin.assert", "ansible.builtin.debug",
@@ -68,8 +68,9 @@ class Bench:
                        env={**os.environ, **self.pg.env()}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def playbook(self, book: Path, extra: dict | None = None, env: dict | None = None,
-                 inventory: str = "localhost,", local: bool = True) -> subprocess.CompletedProcess:
-        cmd = [str(BIN / "ansible-playbook"), str(book), "-i", inventory]
+                 inventory: str = "localhost,", local: bool = True,
+                 args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        cmd = [str(BIN / "ansible-playbook"), str(book), "-i", inventory, *args]
         if local:
             cmd += ["-c", "local", "-e", json.dumps({"ansible_python_interpreter": sys.executable})]
         if extra:
@@ -500,6 +501,54 @@ def small_rows(b: Bench, work: Path) -> tuple[bool, list[tuple[str, ...]]]:
     return ok, rows
 
 
+def plan_rows(b: Bench, work: Path) -> tuple[bool, list[tuple[str, ...]]]:
+    """Deploying a reviewed plan against deploying without one: the first deploy and the no-op."""
+    book = ROOT / "playbooks" / "deploy-db.yml"
+    local = str(ROOT / "inventory" / "local")
+
+    def env_of(db: str) -> dict:
+        return {"STOCK_MONITORING_DB_ENV_FILE": str(b.env_file(db)), "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"}
+
+    def planned(db: str) -> dict:
+        """A reviewed plan of db, made now (untimed): the variables that apply it."""
+        path = work / f"{db}.plan.json"
+        b.playbook(book, {"stock_monitoring_db_plan_out": str(path)}, env=env_of(db), inventory=local, args=("--check",))
+        return {"stock_monitoring_db_plan": str(path)}
+
+    def deploy(db: str, extra: dict | None) -> subprocess.CompletedProcess:
+        return b.playbook(book, extra, env=env_of(db), inventory=local)
+
+    print("bench: first deploy and no-op deploy-db.yml, with a reviewed plan and without (7 runs each, "
+          "alternating)", flush=True)
+    first, first_plan, noop, noop_plan = [], [], [], []
+    plain_db, plan_db = b.fresh_db(), b.fresh_db()
+    deploy(plain_db, None)
+    plan_noop = planned(plan_db)
+    deploy(plan_db, plan_noop)
+    plan_noop = planned(plan_db)  # nothing pending: the plan a no-op deploy job applies
+    for _ in range(7):
+        db = b.fresh_db(create=False)
+        first.append(timed(lambda db=db: deploy(db, None)))
+        db = b.fresh_db(create=False)
+        extra = planned(db)
+        first_plan.append(timed(lambda db=db, extra=extra: deploy(db, extra)))
+        noop.append(timed(lambda: deploy(plain_db, None)))
+        noop_plan.append(timed(lambda: deploy(plan_db, plan_noop)))
+    first_t, first_plan_t = statistics.median(first), statistics.median(first_plan)
+    noop_t, noop_plan_t = statistics.median(noop), statistics.median(noop_plan)
+    db = b.fresh_db(create=False)
+    first_execs = module_executions(deploy(db, planned(db)))
+    noop_execs = module_executions(deploy(plan_db, plan_noop))
+    first_ratio, noop_ratio = first_plan_t / first_t, noop_plan_t / noop_t
+    rows = [("first deploy applying a reviewed plan", f"{first_plan_t:.2f} s", f"{first_t:.2f} s (without a plan)",
+             target(first_ratio, 1.1)),
+            ("no-op deploy applying a reviewed plan", f"{noop_plan_t:.2f} s", f"{noop_t:.2f} s (without a plan)",
+             target(noop_ratio, 1.1)),
+            ("module executions per host, applying a plan", f"{noop_execs} no-op, {first_execs} first deploy",
+             "1 (without a plan)", "target 1" if noop_execs == 1 == first_execs else "target 1, not met")]
+    return first_ratio <= 1.1 and noop_ratio <= 1.1 and noop_execs == 1 == first_execs, rows
+
+
 MEASURE_HEADER = ("measure", "this project", "reference (same run)", "ratio")
 LIVE_HEADER = ("deploy", "outcome", "app p50 / p99 / max during the deploy", "baseline p50 / p99 / max",
                "p99 vs baseline")
@@ -516,10 +565,10 @@ server. Each figure is the median of several runs, each run on a database of its
 ratio is against its reference measured in the same run, the two often alternating: the ratios are
 the figures to compare, since on a shared machine the seconds drift from one run to the next.
 
-`make bench BENCH=small` runs the small-file and no-op rows, `BENCH=big` the two 50 MB files (the
-longest, about a quarter of an hour), `BENCH=live` the deploy on a busy table; `make bench` alone
-runs all three. A run rewrites only the sections it measured and keeps the others; each section
-says when, and on what machine, it was measured.
+`make bench BENCH=small` runs the small-file and no-op rows, `BENCH=plan` deploying a reviewed plan,
+`BENCH=big` the two 50 MB files (the longest, about a quarter of an hour), `BENCH=live` the deploy on
+a busy table; `make bench` alone runs all four. A run rewrites only the sections it measured and
+keeps the others; each section says when, and on what machine, it was measured.
 
 {last_run}
 
@@ -552,6 +601,15 @@ are bound by eight Ansible processes on the machine's cores, not by the database
 (from the tools' own measurements, not this bench): dbmate applies the 500 files in about 2.4 s; a
 loop of `community.postgresql.postgresql_script` tasks needs about 116 s. Read the ratios as orders
 of magnitude, and run `make bench` on your own hardware.
+
+## Deploying a reviewed plan (`BENCH=plan`)
+
+{plan}
+
+Each deploy of a plan is timed against a deploy without one, alternating, on a database of its own
+(the plan made beforehand, untimed). Applying a plan adds no module execution: `pg_migrate` reads the
+database's identity and the managed schema's fingerprint under the migration lock, in the same
+execution, and the controller reads the plan file.
 
 ## Big files (`BENCH=big`)
 
@@ -644,6 +702,9 @@ def main() -> None:
         if "small" in parts:
             met, rows = small_rows(b, work)
             tables["small"] = (MEASURE_HEADER, rows, met)
+        if "plan" in parts:
+            met, rows = plan_rows(b, work)
+            tables["plan"] = (MEASURE_HEADER, rows, met)
         if "live" in parts:
             met, rows, runs = live_rows(b)
             tables["live"] = (LIVE_HEADER, rows, met)
