@@ -18,8 +18,8 @@ from ansible.module_utils.pg_migrate_connect import Database
 from ansible.module_utils.pg_migrate_plan import Migration, MigrationError, Plan, option
 from ansible.module_utils.pg_migrate_schema import KINDS, SNAPSHOT
 
-# The cluster's system_identifier where the login may read it (PostgreSQL grants pg_control_system() to
-# superusers and pg_monitor only), and the database's oid: a database dropped and created again, or
+# The cluster's system_identifier where the login may read it (any login by default, unless a DBA revoked
+# EXECUTE on pg_control_system()), and the database's oid: a database dropped and created again, or
 # restored elsewhere, has another. A promoted standby keeps both, so a plan survives a failover.
 IDENTITY = """SELECT CASE WHEN has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')
   THEN (SELECT system_identifier::text FROM pg_catalog.pg_control_system()) END,

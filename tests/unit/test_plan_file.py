@@ -54,6 +54,15 @@ def test_an_entry_of_the_wrong_shape_is_named_by_its_key(tmp_path):
         LOOKUP.read_plan(write(tmp_path, plan), "web1")
 
 
+def test_a_plan_that_could_not_read_the_database_is_read_with_its_files_only(tmp_path):
+    blind = {**ENTRY, "database": None, "history": None, "schema_objects": None, "schema_sha256": None}
+    plan = CALLBACK.make_plan_file({"web1": blind}, "2026-12-02T10:00:00Z")
+    assert LOOKUP.read_plan(write(tmp_path, plan), "web1")["database"] is None
+    plan = CALLBACK.make_plan_file({"web1": {**blind, "history": []}}, "2026-12-02T10:00:00Z")
+    with pytest.raises(AnsibleError, match="database is null, but history or schema_objects is not"):
+        LOOKUP.read_plan(write(tmp_path, plan), "web1")
+
+
 def test_a_host_missing_from_the_plan_is_named_with_those_it_has(tmp_path):
     plan = CALLBACK.make_plan_file({"web1": ENTRY, "web2": ENTRY}, "2026-12-02T10:00:00Z")
     with pytest.raises(AnsibleError, match=r"Host web3 is not in the plan file .* \(it has web1, web2\)"):
@@ -105,3 +114,15 @@ def test_a_plan_is_written_by_a_plan_and_applied_by_a_deploy():
     applying = {**params, "plan_out": False, "expected_plan": {"id": "x"}}
     assert "is not a plan entry (missing or wrong: created_at, file" in module.plan_problem(applying, False)
     assert "not by a verify" in module.plan_problem({**applying, "verify": True}, False)
+
+
+def test_the_summary_says_what_a_plan_saw_also_when_it_could_not_read_the_database():
+    outcome = load_library("outcome", "roles/stock_monitoring_db/filter_plugins").outcome
+    login = {"login": {"host": "db1", "port": 5432, "database": "app", "user": "app"}, "mode": "plan"}
+    read = outcome({**login, "history_table": "s.h", "plan": ENTRY}, "web1", "s", "plan")["summary"]
+    assert "reviewed plan: 1 file(s) to apply, over 1 history row(s) and schema fingerprint s" in read
+    blind = {**ENTRY, "database": None, "history": None, "schema_objects": None, "schema_sha256": None}
+    unread = outcome({**login, "msg": "psycopg2 missing", "missing_library": "psycopg2", "files": ["023_b.sql"],
+                      "plan": blind}, "web1", "s", "plan")
+    assert "reviewed plan: 1 file(s) to apply, the database not read (psycopg2 is missing on the host)" \
+        in unread["summary"] and unread["problems"] == []

@@ -140,8 +140,9 @@ def plan_lines(report: dict) -> list[str]:
     lines = []
     if "plan" in report:
         entry = report["plan"]
-        lines.append(f"reviewed plan: {len(entry['pending'])} file(s) to apply, over {len(entry['history'])} history "
-                     f"row(s) and schema fingerprint {entry['schema_sha256'][:12]}")
+        seen = (f"over {len(entry['history'])} history row(s) and schema fingerprint {entry['schema_sha256'][:12]}"
+                if entry["history"] is not None else "the database not read (psycopg2 is missing on the host)")
+        lines.append(f"reviewed plan: {len(entry['pending'])} file(s) to apply, {seen}")
     if "applied_plan" in report:
         applied = report["applied_plan"]
         before = "; applied before, nothing to do" if applied["applied_before"] else ""

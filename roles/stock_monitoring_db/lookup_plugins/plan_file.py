@@ -68,6 +68,10 @@ def entry_problem(entry: object) -> str | None:
     if not isinstance(entry, dict):
         return "it is not a mapping"
     database = entry.get("database")
+    if database is None:  # a plan that could not read the database (psycopg2 missing): its files only
+        if entry.get("history") is not None or entry.get("schema_objects") is not None:
+            return "database is null, but history or schema_objects is not"
+        return None if is_file_list(entry.get("pending")) else "pending is not a list of {version, name, checksum}"
     if not (isinstance(database, dict) and isinstance(database.get("database"), str)
             and isinstance(database.get("host"), str) and isinstance(database.get("port"), int)
             and isinstance(database.get("system_identifier"), (str, type(None)))
