@@ -21,14 +21,17 @@ from ansible.module_utils.pg_migrate_schema import KINDS, SNAPSHOT
 # The cluster's system_identifier where the login may read it (any login by default, unless a DBA revoked
 # EXECUTE on pg_control_system()), and the database's oid: a database dropped and created again, or
 # restored elsewhere, has another. A promoted standby keeps both, so a plan survives a failover.
-IDENTITY = """SELECT CASE WHEN has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')
-  THEN (SELECT system_identifier::text FROM pg_catalog.pg_control_system()) END,
+# PostgreSQL checks EXECUTE on every function of a query when it starts, whatever a CASE would run: a
+# revoked pg_control_system() is asked about first, and called in a query of its own.
+IDENTITY = """SELECT has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE'),
   (SELECT oid::bigint FROM pg_catalog.pg_database WHERE datname = current_database())"""
 
 
 def identity(db: Database, database_exists: bool = True) -> dict:
     """The server and database this connection reaches (on the maintenance database: the server only)."""
-    system_identifier, oid = db.query(IDENTITY)[0]
+    readable, oid = db.query(IDENTITY)[0]
+    system_identifier = (db.query("SELECT system_identifier::text FROM pg_catalog.pg_control_system()")[0][0]
+                         if readable else None)
     return {"system_identifier": system_identifier, "database": db.p["login_db"],
             "database_oid": oid if database_exists else None, "host": db.p["login_host"], "port": db.p["login_port"]}
 
