@@ -117,6 +117,7 @@ class CallbackModule(CallbackBase):
     def v2_playbook_on_stats(self, stats: AggregateStats) -> None:
         files: dict[str, list[dict]] = {}
         plans: dict[str, dict[str, dict | None]] = {}
+        planning: set[str] = set()  # plan files of hosts that ran in check mode
         for host, request in self.requests.items():
             entry = self.entries.get(host) or failure_entry(
                 host, request["mode"], "", "the run ended before this host's outcome was known", False)
@@ -126,19 +127,23 @@ class CallbackModule(CallbackBase):
                 whole = host not in self.failed and isinstance(entry.get("plan"), dict)
                 plans.setdefault(request["plan_out"], {})[host] = \
                     {**entry["plan"], "summary": entry.get("summary", [])} if whole else None
+                if request["mode"] == "plan":
+                    planning.add(request["plan_out"])
         for path, entries in files.items():
             try:
                 write_report(path, entries)
             except OSError as exc:
                 self._display.error(f"The JSON report {path} could not be written: {exc.strerror}")
         for path, hosts in plans.items():
-            self.write_plan(path, hosts)
+            self.write_plan(path, hosts, path in planning)
 
-    def write_plan(self, path: str, hosts: dict[str, dict | None]) -> None:
+    def write_plan(self, path: str, hosts: dict[str, dict | None], planning: bool) -> None:
+        """The plan file, when every host planned; otherwise none, and a plan left there before is removed
+        when this run was a plan (a deploy given plan_out by mistake leaves the reviewed plan alone)."""
         missing = sorted(host for host, entry in hosts.items() if entry is None)
         try:
             if missing:
-                if os.path.lexists(path):
+                if planning and os.path.lexists(path):
                     os.unlink(path)
                 self._display.error(f"The plan {path} was not written: {', '.join(missing)} did not plan (see above), "
                                     "and a plan of part of the inventory is not one to review")

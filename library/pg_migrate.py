@@ -283,7 +283,7 @@ options:
   plan_out:
     description:
       - In check mode, also return RV(plan), this database's entry of a reviewed plan, for O(expected_plan) to
-        apply later. It costs two catalog queries (the database's identity and the managed schema).
+        apply later. It costs three catalog queries (the database's identity and the managed schema).
       - Only with check mode, and not with O(verify).
     type: bool
     default: false
@@ -634,6 +634,9 @@ PLAN_KEYS = {"id": str, "created_at": str, "file": str, "database": (dict, type(
              "accepted": list, "history": (list, type(None)), "schema_objects": (dict, type(None))}
 
 
+DATABASE_KEYS = {"system_identifier", "database", "database_oid", "host", "port"}
+
+
 def plan_problem(params: dict, check_mode: bool) -> str | None:
     """A reviewed plan is written by a plan and applied by a deploy, one at a time."""
     if params["plan_out"] and (not check_mode or params["verify"] or params["expected_plan"]):
@@ -645,6 +648,11 @@ def plan_problem(params: dict, check_mode: bool) -> str | None:
     if params["verify"] or params["drop_schema"]:
         return f"{option('expected_plan')} is applied by a deploy, not by a verify or a drop of the schema"
     wrong = [key for key, kind in PLAN_KEYS.items() if not isinstance(expected.get(key), kind)]
+    database = expected.get("database")
+    if isinstance(database, dict) and not set(database) >= DATABASE_KEYS:
+        wrong.append("database")
+    if database is not None and (expected.get("history") is None or expected.get("schema_objects") is None):
+        wrong.append("history or schema_objects")
     if wrong:
         return f"{option('expected_plan')} is not a plan entry (missing or wrong: {', '.join(wrong)})"
     return None

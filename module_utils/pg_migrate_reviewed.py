@@ -15,8 +15,14 @@ import hashlib
 import json
 
 from ansible.module_utils.pg_migrate_connect import Database
+from ansible.module_utils.pg_migrate_locks import exclusive_lock_holders
 from ansible.module_utils.pg_migrate_plan import Migration, MigrationError, Plan, option
 from ansible.module_utils.pg_migrate_schema import KINDS, SNAPSHOT
+
+try:
+    import psycopg2
+except ImportError:  # pg_migrate reports it through missing_required_lib
+    psycopg2 = None
 
 # The cluster's system_identifier where the login may read it (any login by default, unless a DBA revoked
 # EXECUTE on pg_control_system()), and the database's oid: a database dropped and created again, or
@@ -33,7 +39,8 @@ def identity(db: Database, database_exists: bool = True) -> dict:
     system_identifier = (db.query("SELECT system_identifier::text FROM pg_catalog.pg_control_system()")[0][0]
                          if readable else None)
     return {"system_identifier": system_identifier, "database": db.p["login_db"],
-            "database_oid": oid if database_exists else None, "host": db.p["login_host"], "port": db.p["login_port"]}
+            "database_oid": oid if database_exists else None, "host": db.p["login_host"], "port": db.p["login_port"],
+            "history_table": db.history}
 
 
 def digest(value: object) -> str:
@@ -43,7 +50,14 @@ def digest(value: object) -> str:
 def schema_objects(db: Database) -> dict[str, str]:
     """Each object of the managed schema ("table alerts", "column alerts.symbol", "index ...") and a digest
     of its definition, from the query that the schema file comparison uses."""
-    snapshot = db.query(SNAPSHOT, {"schema": db.schema, "table": db.table})[0][0]
+    try:
+        snapshot = db.query(SNAPSHOT, {"schema": db.schema, "table": db.table})[0][0]
+    except psycopg2.Error as exc:  # deparsing takes ACCESS SHARE on each table (see compare_schema)
+        if exc.pgcode != "55P03":
+            raise
+        raise MigrationError(f"The managed schema could not be read for the reviewed plan: {exclusive_lock_holders(db)} "
+                             f"(waited {option('lock_timeout')}, {db.p['lock_timeout']}). Nothing was applied: run "
+                             "again when it is free") from None
     objects: dict[str, str] = {}
     for name, table in snapshot.get("tables", {}).items():
         objects[f"table {name}"] = digest({k: v for k, v in table.items() if k != "columns"})
@@ -85,16 +99,20 @@ def server_differences(expected: dict, ident: dict) -> list[str]:
                 f"{planned['port']} (the login cannot read the system identifier that would tell them apart)"]
     if planned["database"] != ident["database"]:
         return [f"the database is {ident['database']!r}, the plan was made for {planned['database']!r}"]
+    if planned.get("history_table") != ident["history_table"]:
+        return [f"the history table is {ident['history_table']}, the plan was made for {planned.get('history_table')} "
+                f"({option('schema')})"]
     return []
 
 
 def database_differences(expected: dict, ident: dict) -> list[str]:
-    """Whether this is the database the plan was made for (a missing one: it must still be missing)."""
+    """Whether this is the database the plan was made for. One missing then may exist now (created by this run,
+    or by another host sharing it): the history and the schema, empty in the plan, then judge it."""
     found = server_differences(expected, ident)
     planned_oid = expected["database"]["database_oid"]
-    if not found and planned_oid is None and ident["database_oid"] is not None:
-        found.append(f"database {ident['database']!r} exists, and did not when the plan was made")
-    elif not found and planned_oid is not None and ident["database_oid"] is None:
+    if planned_oid is None:
+        return found
+    if not found and ident["database_oid"] is None:
         found.append(f"database {ident['database']!r} does not exist, and did when the plan was made")
     elif not found and planned_oid != ident["database_oid"]:
         found.append(f"database {ident['database']!r} was created again since the plan (oid {ident['database_oid']}, "
@@ -154,10 +172,16 @@ def refuse(db: Database, expected: dict, found: list[str]) -> None:
 
 
 def applied_before(expected: dict, rows: dict[int, dict]) -> bool:
-    """Every planned file is recorded with this plan, over the history the plan saw: it was applied."""
+    """Every planned file is recorded with this plan, over the history the plan saw with its accepted edits
+    written: it was applied."""
     planned = {p["version"] for p in expected["pending"]}
-    return (bool(planned) and all(rows.get(v, {}).get("plan") == expected["id"] for v in planned)
-            and expected["history"] in (None, history_list({v: r for v, r in rows.items() if v not in planned})))
+    if not (planned or expected["accepted"]) or any(rows.get(v, {}).get("plan") != expected["id"] for v in planned):
+        return False
+    if expected["history"] is None:
+        return True
+    new = {a["version"]: a["new_checksum"] for a in expected["accepted"]}
+    after = [{**h, "checksum": new.get(h["version"], h["checksum"])} for h in expected["history"]]
+    return history_list({v: r for v, r in rows.items() if v not in planned}) == after
 
 
 def follow(db: Database, expected: dict, ident: dict, rows: dict[int, dict], migrations: list[Migration],
@@ -170,9 +194,13 @@ def follow(db: Database, expected: dict, ident: dict, rows: dict[int, dict], mig
         result["left_out"] = [m.summary() for m in plan.pending]
         return Plan([], plan.already_applied, [], plan.drift)
     # The files were compared before connecting (see migrate).
-    if expected["database"] is None:  # the plan read only the files: what it said is "each of them the history lacks"
+    if expected["database"] is None:  # the plan read the files only: it holds for a database with nothing yet
+        if rows or objects:
+            refuse(db, expected, ["the plan did not read the database (psycopg2 was missing on the host when it was "
+                                  "made), and the database already holds " + ("a history" if rows else "objects")
+                                  + ": make a new plan now that psycopg2 is installed"])
         db.warn(f"The reviewed plan {expected['file']} did not read the database (psycopg2 was missing on the host "
-                "when it was made): only its files were checked")
+                "when it was made); the database was empty, as a first deploy finds it")
     else:
         found = database_differences(expected, ident) + history_differences(expected, rows)
         if plan.accepted != expected["accepted"]:

@@ -71,8 +71,6 @@ def migrate(db: Database, migrations: list[Migration]) -> tuple[dict, list[Migra
     rows = read_history(db, state["history_has_plan"]) if state["history_exists"] else {}
     result["adopting"] = state["adopting"]
     ident = identity(db) if reviewed or db.p["plan_out"] else None
-    if reviewed and result["database_created"]:  # missing when the plan was made, created by this run as planned
-        ident["database_oid"] = None
     # The schema as the plan saw it, or as applying finds it: read under the lock, before anything is written.
     objects = schema_objects(db) if db.p["plan_out"] or (reviewed and not db.verify) else None
     plan = make_plan(migrations, rows, db.p["accepted_changes"], db.p["unknown_versions"], db.p["out_of_order"])

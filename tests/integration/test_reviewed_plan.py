@@ -232,3 +232,55 @@ def test_a_plan_path_that_cannot_be_written_is_refused_before_anything_runs(tmp_
                                                       "stock_monitoring_db_report_file": str(tmp_path / "r.json")})
     assert res.rc != 0 and f"The reviewed plan {target} cannot be written: its directory" in res.output, res.output
     assert "Fix stock_monitoring_db_plan_out; nothing was run" in " ".join(res.output.split())
+
+
+def test_a_plan_of_a_missing_database_applies_to_the_empty_database_another_host_created(tmp_path, db):
+    plan = make_plan(tmp_path, db)
+    db.create()  # another host of the same plan, sharing the database, created it first
+    res = apply(tmp_path, db, plan)
+    assert res.rc == 0 and len(history_plans(db)) == 2, res.output
+
+
+def test_a_plan_with_accepted_edits_applied_again_changes_nothing(tmp_path, db):
+    from ansible.module_utils.pg_migrate_plan import checksum
+    folder = tmp_path / "migrations"
+    write_migrations(folder, {}, with_real=True)
+    extra = {"stock_monitoring_db_migrations_dir": str(folder), "stock_monitoring_db_schema_file": ""}
+    assert play(tmp_path, db, extra=extra).rc == 0
+    edited = folder / "023_stock_monitoring_notifications.sql"
+    old = checksum(edited.read_text())
+    edited.write_text(edited.read_text() + "\n-- a comment added after it was applied\n")
+    extra["stock_monitoring_db_accepted_changes"] = [{"version": 23, "old_checksum": old,
+                                                      "new_checksum": checksum(edited.read_text())}]
+    plan = make_plan(tmp_path, db, extra)
+    assert apply(tmp_path, db, plan, extra).rc == 0
+    again = apply(tmp_path, db, plan, extra)
+    assert again.rc == 0 and recap(again.output)["localhost"]["changed"] == 0, again.output
+
+
+def test_a_plan_made_without_psycopg2_applies_to_a_missing_database_and_is_refused_where_it_has_a_history(
+        tmp_path, db):
+    from conftest import python_without_psycopg2
+    bare = {"ansible_python_interpreter": str(python_without_psycopg2(tmp_path / "bare"))}
+    first = make_plan(tmp_path, db, bare)
+    assert json.loads(first.read_text())["hosts"]["localhost"]["database"] is None
+    res = apply(tmp_path, db, first)  # the host has psycopg2 by then, as after the role installed it
+    assert res.rc == 0 and len(history_plans(db)) == 2, res.output
+    plan = make_plan(tmp_path, db, bare)
+    db.query(f"ALTER TABLE {SCHEMA}.alerts ADD COLUMN hotfix integer")
+    res = apply(tmp_path, db, plan)
+    assert res.rc != 0 and "make a new plan now that psycopg2 is installed" in " ".join(res.output.split()), res.output
+
+
+def test_the_plan_file_holds_the_summary_without_the_sql_of_diff(tmp_path, db):
+    plan = tmp_path / "plan.json"
+    res = play(tmp_path, db, args=["--check", "--diff"], extra={"stock_monitoring_db_plan_out": str(plan)})
+    assert res.rc == 0 and "CREATE TABLE" in res.output
+    assert "CREATE TABLE" not in plan.read_text()
+
+
+def test_a_deploy_given_plan_out_by_mistake_leaves_the_reviewed_plan_alone(tmp_path, db):
+    plan = make_plan(tmp_path, db)
+    kept = plan.read_text()
+    res = play(tmp_path, db, extra={"stock_monitoring_db_plan_out": str(plan)})
+    assert res.rc != 0 and plan.read_text() == kept

@@ -14,7 +14,8 @@ CALLBACK = load_library("stock_monitoring_db_report", "callback_plugins")
 LOOKUP = load_library("plan_file", "roles/stock_monitoring_db/lookup_plugins")
 SUMMARY = load_library("plan-summary", "scripts")
 
-DATABASE = {"system_identifier": "7301", "database": "app", "database_oid": 16384, "host": "db1", "port": 5432}
+DATABASE = {"system_identifier": "7301", "database": "app", "database_oid": 16384, "host": "db1", "port": 5432,
+            "history_table": "stock_monitoring.pg_migrate_history"}
 ENTRY = {"database": DATABASE, "pending": [{"version": 23, "name": "023_b.sql", "checksum": "c23"}], "accepted": [],
          "history": [{"version": 22, "name": "022_a.sql", "checksum": "c22"}], "history_sha256": "h",
          "schema_objects": {"table alerts": "d1", "column alerts.id": "d2"}, "schema_sha256": "s",
@@ -77,6 +78,8 @@ def test_a_server_is_told_apart_by_its_system_identifier_else_by_host_and_port()
     unreadable = {**DATABASE, "system_identifier": None}
     assert reviewed.server_differences(expected, unreadable) == []
     assert "cannot read the system identifier" in reviewed.server_differences(expected, {**unreadable, "port": 6432})[0]
+    assert "the history table is other.pg_migrate_history" in reviewed.server_differences(
+        expected, {**DATABASE, "history_table": "other.pg_migrate_history"})[0]
     assert reviewed.database_differences(expected, {**DATABASE, "database_oid": 99}) == [
         "database 'app' was created again since the plan (oid 99, the plan's 16384)"]
 
@@ -98,6 +101,10 @@ def test_a_plan_is_applied_before_only_when_its_files_carry_its_id_over_the_hist
     assert reviewed.applied_before(expected, rows)
     assert not reviewed.applied_before(expected, {**rows, 23: {**rows[23], "plan": "p0"}})
     assert not reviewed.applied_before(expected, {**rows, 21: {"name": "021.sql", "checksum": "c", "plan": None}})
+    accepting = {**expected, "pending": [], "accepted": [{"version": 22, "name": "022_a.sql", "old_checksum": "c22",
+                                                         "new_checksum": "c22-new"}]}
+    assert reviewed.applied_before(accepting, {22: {**rows[22], "checksum": "c22-new"}})
+    assert not reviewed.applied_before(accepting, {22: rows[22]})
 
 
 def test_the_job_summary_lists_each_host_and_its_files():
@@ -114,6 +121,12 @@ def test_a_plan_is_written_by_a_plan_and_applied_by_a_deploy():
     applying = {**params, "plan_out": False, "expected_plan": {"id": "x"}}
     assert "is not a plan entry (missing or wrong: created_at, file" in module.plan_problem(applying, False)
     assert "not by a verify" in module.plan_problem({**applying, "verify": True}, False)
+    whole = {**ENTRY, "id": "x", "created_at": "t", "file": "f"}
+    assert module.plan_problem({**applying, "expected_plan": whole}, False) is None
+    assert "(missing or wrong: database)" in module.plan_problem(
+        {**applying, "expected_plan": {**whole, "database": {}}}, False)
+    assert "history or schema_objects" in module.plan_problem(
+        {**applying, "expected_plan": {**whole, "history": None}}, False)
 
 
 def test_the_summary_says_what_a_plan_saw_also_when_it_could_not_read_the_database():

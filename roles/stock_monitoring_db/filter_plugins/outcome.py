@@ -75,8 +75,8 @@ def outcome(result: dict | None, host: str, schema: str, mode: str, diff: bool =
     # The reviewed plan: this host's entry of a plan written (plan_out), or the plan applied and what it left out.
     report.update({key: result[key] for key in ("plan", "applied_plan", "left_out", "plan_differences")
                    if key in result})
-    lines = summary(report, result, planning, diff, psycopg2_package)
-    report["summary"] = lines
+    report["summary"] = summary(report, result, planning, False, psycopg2_package)  # without the SQL of --diff
+    lines = summary(report, result, planning, diff, psycopg2_package) if diff else report["summary"]
     return {"report": report, "summary": lines, "problems": problems(report, drift_fails)}
 
 

@@ -115,7 +115,8 @@ def read_plan(path: str, host: str) -> dict:
     problem = entry_problem(hosts[host])
     if problem:
         raise AnsibleError(f"The plan file {path}, host {host}: {problem}: {AGAIN}")
-    return {**hosts[host], "id": plan["id"], "created_at": plan["created_at"], "file": path}
+    entry = {key: value for key, value in hosts[host].items() if key != "summary"}  # for the reviewer, not the host
+    return {**entry, "id": plan["id"], "created_at": plan["created_at"], "file": path}
 
 
 class LookupModule(LookupBase):
