@@ -187,11 +187,10 @@ def applied_before(expected: dict, rows: dict[int, dict]) -> bool:
 def follow(db: Database, expected: dict, ident: dict, rows: dict[int, dict], migrations: list[Migration],
            plan: Plan, objects: dict[str, str] | None, result: dict) -> Plan:
     """The plan to run: the reviewed one, refused when the database or the files differ from what it saw.
-    A file added since is left out; a plan applied before runs nothing."""
+    A plan applied before runs nothing."""
     result["applied_plan"] = {"id": expected["id"], "created_at": expected["created_at"], "applied_before": False}
     if applied_before(expected, rows):
         result["applied_plan"]["applied_before"] = True
-        result["left_out"] = [m.summary() for m in plan.pending]
         return Plan([], plan.already_applied, [], plan.drift)
     # The files were compared before connecting (see migrate).
     if expected["database"] is None:  # the plan read the files only: it holds for a database with nothing yet
@@ -210,9 +209,18 @@ def follow(db: Database, expected: dict, ident: dict, rows: dict[int, dict], mig
             found += schema_differences(expected, objects)
         refuse(db, expected, found)
     planned = {p["version"] for p in expected["pending"]}
-    plan = Plan(plan.pending, plan.already_applied, plan.accepted if expected["database"] else [], plan.drift)
-    result["left_out"] = [m.summary() for m in plan.pending if m.version not in planned]
-    for left in result["left_out"]:
-        db.warn(f"{left['name']} is not in the reviewed plan (added after it was made) and was left out: the next "
+    accepted = plan.accepted if expected["database"] else []
+    return Plan([m for m in plan.pending if m.version in planned], plan.already_applied, accepted, plan.drift)
+
+
+def left_out(db: Database, expected: dict, migrations: list[Migration], rows: dict[int, dict],
+             result: dict) -> list[Migration]:
+    """The files the deploy considers: those of the plan and of the history. A file added since the plan
+    (an older-numbered one too, which the out-of-order policy would otherwise stop) waits for the next plan."""
+    planned = {p["version"] for p in expected["pending"]}
+    late = [m for m in migrations if m.version not in rows and m.version not in planned]
+    result["left_out"] = [m.summary() for m in late]
+    for mig in late:
+        db.warn(f"{mig.name} is not in the reviewed plan (added after it was made) and was left out: the next "
                 "plan has it")
-    return Plan([m for m in plan.pending if m.version in planned], plan.already_applied, plan.accepted, plan.drift)
+    return [m for m in migrations if m not in late]

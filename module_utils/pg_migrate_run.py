@@ -32,6 +32,7 @@ from ansible.module_utils.pg_migrate_reviewed import (
     file_differences,
     follow,
     identity,
+    left_out,
     plan_entry,
     refuse,
     schema_objects,
@@ -73,7 +74,8 @@ def migrate(db: Database, migrations: list[Migration]) -> tuple[dict, list[Migra
     ident = identity(db) if reviewed or db.p["plan_out"] else None
     # The schema as the plan saw it, or as applying finds it: read under the lock, before anything is written.
     objects = schema_objects(db) if db.p["plan_out"] or (reviewed and not db.verify) else None
-    plan = make_plan(migrations, rows, db.p["accepted_changes"], db.p["unknown_versions"], db.p["out_of_order"])
+    considered = left_out(db, reviewed, migrations, rows, result) if reviewed else migrations
+    plan = make_plan(considered, rows, db.p["accepted_changes"], db.p["unknown_versions"], db.p["out_of_order"])
     if reviewed:
         plan = follow(db, reviewed, ident, rows, migrations, plan, objects, result)
     if db.p["plan_out"]:

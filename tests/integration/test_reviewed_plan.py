@@ -284,3 +284,17 @@ def test_a_deploy_given_plan_out_by_mistake_leaves_the_reviewed_plan_alone(tmp_p
     kept = plan.read_text()
     res = play(tmp_path, db, extra={"stock_monitoring_db_plan_out": str(plan)})
     assert res.rc != 0 and plan.read_text() == kept
+
+
+def test_an_older_file_merged_after_the_plan_is_left_out_not_refused_as_out_of_order(tmp_path, db):
+    folder = tmp_path / "migrations"
+    assert play(tmp_path, db, extra=only_022(folder)).rc == 0
+    write_migrations(folder, {}, with_real=True)
+    extra = {"stock_monitoring_db_migrations_dir": str(folder)}
+    plan = make_plan(tmp_path, db, extra)  # 023 pending
+    write_migrations(folder, {"021_merged_late.sql": "CREATE TABLE stock_monitoring.late (id int);\n"})
+    res = apply(tmp_path, db, plan, {**extra, "stock_monitoring_db_schema_file": ""})
+    assert res.rc == 0, res.output
+    assert "left out (not in the reviewed plan): 021_merged_late.sql" in res.output
+    assert [r[0] for r in history_plans(db)] == ["022_stock_monitoring_schema.sql",
+                                                 "023_stock_monitoring_notifications.sql"]
