@@ -740,7 +740,7 @@ def main() -> None:
         try:
             sent = read_migrations(module.params)
             if module.params["plan_out"] and module.check_mode:  # a plan of the files alone: see plan_entry
-                common["plan"] = plan_entry(None, None, None, load_migrations(*sent), None)
+                common["plan"] = plan_entry(None, None, load_migrations(*sent), [], None)
         except MigrationError as exc:
             module.fail_json(msg=exc.msg, **common)
         files = sorted(sent[0])

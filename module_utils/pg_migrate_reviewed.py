@@ -75,14 +75,14 @@ def history_list(rows: dict[int, dict]) -> list[dict]:
     return [{"version": v, "name": rows[v]["name"], "checksum": rows[v]["checksum"]} for v in sorted(rows)]
 
 
-def plan_entry(ident: dict | None, rows: dict[int, dict] | None, plan: Plan | None, pending: list[Migration],
+def plan_entry(ident: dict | None, rows: dict[int, dict] | None, pending: list[Migration], accepted: list[dict],
                objects: dict[str, str] | None) -> dict:
     """What a plan records for this database: without a secret, or a value of the .env beyond its names.
     A plan that could not read the database (psycopg2 missing on the host) records the files only."""
     history = history_list(rows) if rows is not None else None
     return {"database": ident,
             "pending": [{"version": m.version, "name": m.name, "checksum": m.checksum} for m in pending],
-            "accepted": plan.accepted if plan else [],
+            "accepted": accepted,
             "history": history, "history_sha256": digest(history) if history is not None else None,
             "schema_objects": objects, "schema_sha256": digest(objects) if objects is not None else None}
 
@@ -184,8 +184,8 @@ def applied_before(expected: dict, rows: dict[int, dict]) -> bool:
     return history_list({v: r for v, r in rows.items() if v not in planned}) == after
 
 
-def follow(db: Database, expected: dict, ident: dict, rows: dict[int, dict], migrations: list[Migration],
-           plan: Plan, objects: dict[str, str] | None, result: dict) -> Plan:
+def follow(db: Database, expected: dict, ident: dict, rows: dict[int, dict], plan: Plan,
+           objects: dict[str, str] | None, result: dict) -> Plan:
     """The plan to run: the reviewed one, refused when the database or the files differ from what it saw.
     A plan applied before runs nothing."""
     result["applied_plan"] = {"id": expected["id"], "created_at": expected["created_at"], "applied_before": False}

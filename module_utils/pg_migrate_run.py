@@ -63,7 +63,7 @@ def migrate(db: Database, migrations: list[Migration]) -> tuple[dict, list[Migra
         if db.p["expected_tables"] is not None:
             result.update(tables=[], missing_tables=sorted(db.p["expected_tables"]), unexpected_tables=[])
         if db.p["plan_out"]:
-            result["plan"] = plan_entry(identity(db, database_exists=False), {}, None, migrations, {})
+            result["plan"] = plan_entry(identity(db, database_exists=False), {}, migrations, [], {})
         return result, migrations
     result["server_version"] = db.server_version()
     if not db.check:
@@ -77,9 +77,9 @@ def migrate(db: Database, migrations: list[Migration]) -> tuple[dict, list[Migra
     considered = left_out(db, reviewed, migrations, rows, result) if reviewed else migrations
     plan = make_plan(considered, rows, db.p["accepted_changes"], db.p["unknown_versions"], db.p["out_of_order"])
     if reviewed:
-        plan = follow(db, reviewed, ident, rows, migrations, plan, objects, result)
+        plan = follow(db, reviewed, ident, rows, plan, objects, result)
     if db.p["plan_out"]:
-        result["plan"] = plan_entry(ident, rows, plan, plan.pending, objects)
+        result["plan"] = plan_entry(ident, rows, plan.pending, plan.accepted, objects)
     result.update(already_applied=[{"version": m.version, "name": m.name} for m in plan.already_applied],
                   accepted=plan.accepted, drift=plan.drift)
     check_plan(db, plan, state)
@@ -118,10 +118,7 @@ def ensure_database(db: Database, result: dict) -> bool:
             found = server_differences(db.p["expected_plan"], identity(db, database_exists=False))
             if db.p["expected_plan"]["database"]["database_oid"] is not None:
                 found.append(f"database {db.p['login_db']!r} does not exist, and did when the plan was made")
-            if found:
-                raise MigrationError(f"The reviewed plan {db.p['expected_plan']['file']} is not for database "
-                                     f"{db.p['login_db']!r} on {db.where}, so nothing was created or applied: "
-                                     + "; ".join(found), plan_differences=found)
+            refuse(db, db.p["expected_plan"], found)
         if db.check or not creating:
             result["database_exists"] = False
             return False
