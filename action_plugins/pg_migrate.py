@@ -28,19 +28,27 @@ at about 0.5 s per MB.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import copy
 import hashlib
 import json
 import os
 import re
+import secrets
+import threading
+from collections.abc import Callable
 
+from ansible import constants as C
 from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
+from ansible.utils.display import Display
 
 try:
     from pglast import parser as pg_parser
 except ImportError:
     pg_parser = None
 
+display = Display()
 BOM = "\ufeff"
 LINE_END = re.compile(r"\r\n|\r|\n")
 # The marker, as a `--` line or a line of a block comment (` * pg_migrate:no-transaction`, with or without `--`).
@@ -259,7 +267,175 @@ def run_once(stmt: str) -> str | None:
     return None
 
 
-INTERNAL_OPTIONS = ("_findings", "_migrations_path", "_migrations_sha256", "_controller_pid")
+# Progress: the module appends an event as a JSON line to ${TMPDIR:-/tmp}/pg_migrate-progress-TOKEN.jsonl on
+# the host while a statement runs longer than progress_interval (see module_utils/pg_migrate_progress.py).
+# This command waits there, up to about `ticks` fifths of a second, for the file to grow past `offset`
+# bytes, then prints what was added; "gone" once the file, seen before, was removed (the module ended).
+# A file of that name that another user owns is not read (the module never writes to one: O_EXCL).
+POLL = ('f="${{TMPDIR:-/tmp}}/pg_migrate-progress-{token}.jsonl"; t=0; while :; do '
+        'if [ -f "$f" ] && [ -O "$f" ]; then [ "$(wc -c < "$f")" -gt {offset} ] && break; '
+        'elif [ {seen} = 1 ]; then echo gone; exit 0; fi; '
+        '[ $t -ge {ticks} ] && exit 0; sleep 0.2 2>/dev/null || sleep 1; t=$((t+1)); done; '
+        'tail -c +{start} "$f"')
+# The first words of a statement shown in a progress line.
+SHOWN_SQL = 72
+# The statements a progress view's command comes from, by their first words (upper case); an index also
+# comes from ALTER TABLE ... ADD PRIMARY KEY, UNIQUE or EXCLUDE.
+COMMAND_WORDS = {"CREATE INDEX": ("CREATE", "ALTER"), "CREATE INDEX CONCURRENTLY": ("CREATE",),
+                 "REINDEX": ("REINDEX",), "REINDEX CONCURRENTLY": ("REINDEX",), "CLUSTER": ("CLUSTER",),
+                 "VACUUM FULL": ("VACUUM",), "VACUUM": ("VACUUM",), "ANALYZE": ("VACUUM", "ANALYZE")}
+INDEX_CONSTRAINTS = {"primary", "unique", "exclude"}
+
+
+def shown_sql(stmt: str) -> str:
+    """A statement's first words, without its comments, on one line."""
+    head = stmt[:SHOWN_SQL * 8]
+    try:  # the text between the comments, each run of white space (line ends too) as one space
+        tokens = [t for t in pg_parser.scan(head) if t.name not in ("SQL_COMMENT", "C_COMMENT")]
+        shown = "".join((" " if i and t.start > tokens[i - 1].end + 1 else "") + head[t.start:t.end + 1]
+                        for i, t in enumerate(tokens))
+    except pg_parser.ParseError:  # a string or comment that the prefix cuts: the words as they stand
+        shown = head
+    shown = " ".join(shown.split())
+    return shown if len(shown) <= SHOWN_SQL else shown[:SHOWN_SQL - 1].rstrip() + "…"
+
+
+def statement_words(stmt: str) -> tuple[list[str], set[str]]:
+    """The first keywords (upper case) and the names a statement uses (lower case, unquoted)."""
+    tokens = [t for t in pg_parser.scan(stmt) if t.name not in ("SQL_COMMENT", "C_COMMENT")]
+    texts = [stmt[t.start:t.end + 1] for t in tokens]
+    names = {text.strip('"').lower() if text.startswith('"') else text.lower() for text in texts}
+    return [text.upper() for text in texts[:4]], names
+
+
+def fits_command(command: str | None, words: list[str], names: set[str]) -> bool:
+    """Whether a statement can be what a progress view reports; any statement, for a lock wait (no command)."""
+    if command is None:
+        return True
+    first = words[0] if words else ""
+    if first == "ALTER":
+        return command == "CREATE INDEX" and bool(INDEX_CONSTRAINTS & names)
+    return first in COMMAND_WORDS.get(command, ())
+
+
+def where_running(text: str, finding: dict, event: dict) -> dict:
+    """The line and first words of the statement an event is about, from the file as read here.
+
+    A no-transaction file runs statement by statement, and the module names it. A transactional file runs
+    whole, so PostgreSQL cannot say which of its statements runs: the one statement that fits what the
+    server reports (the progress view's command and table, or the table of the lock it waits for) is
+    named; otherwise the lines of those that fit, or of the whole file."""
+    text = text.removeprefix(BOM)
+    if finding.get("statements") is not None and event.get("statement") is not None:
+        start, end, line, _once = finding["statements"][event["statement"]]
+        return {"line": line, "sql": shown_sql(text[start:end])}
+    slices, _problem = split(text)
+    lines = Lines(text)
+    if len(slices) == 1:
+        return {"line": lines.at(slices[0].start), "sql": shown_sql(text[slices[0]])}
+    relation = event.get("relation") or (event.get("waiting_for") or {}).get("relation")
+    fits = []
+    if relation:
+        table = relation.rsplit(".", 1)[-1].strip('"').lower()
+        for piece in slices:
+            words, names = statement_words(text[piece])
+            if table in names and fits_command(event.get("command"), words, names):
+                fits.append(piece)
+    if len(fits) == 1:
+        return {"line": lines.at(fits[0].start), "sql": shown_sql(text[fits[0]])}
+    shown = fits or slices
+    at = [lines.at(piece.start) for piece in shown]
+    return {"line": None, "lines": at, "sql": None}
+
+
+def progress_line(host: str, event: dict) -> str:
+    """The line an operator sees: host, file, line, the statement's first words, the time so far, and what
+    PostgreSQL says the session is doing."""
+    if event.get("line") is not None:
+        where = f"line {event['line']} ({event['sql']})"
+    elif len(event.get("lines") or []) > 1:
+        lines = event["lines"]
+        where = "one of the statements at lines " + ", ".join(map(str, lines[:6])) + (", ..." if len(lines) > 6
+                                                                                      else "")
+    else:
+        where = "(comments only)"
+    if event.get("finished"):
+        return f"progress: [{host}] {event['migration']} {where}: {event['text']}"
+    # The attempt under lock retries, once it matters: waiting for a lock, or after the first.
+    retried = event.get("attempts", 1) > 1 and (event.get("attempt", 1) > 1 or "waiting_for" in event
+                                                 or "holders" in event)
+    tries = f", attempt {event['attempt']} of {event['attempts']}" if retried else ""
+    return f"progress: [{host}] {event['migration']} {where}, {event['elapsed_s']:g} s{tries}: {event['text']}"
+
+
+class ProgressReader(threading.Thread):
+    """Prints the module's progress events while it runs: from `interval` seconds after the module started,
+    reads what the module added to its progress file, with a command of its own on the task's connection
+    (over SSH, a new channel of the same connection), and shows each event with Ansible's display.
+
+    It works on a copy of the connection and of its become plugin, which keep per-command state, so that
+    the module's own command is never disturbed."""
+
+    def __init__(self, action: ActionBase, host: str, interval: int, token: str,
+                 where: Callable[[dict], dict]) -> None:
+        super().__init__(name="pg_migrate-progress", daemon=True)
+        self.action = copy.copy(action)
+        self.action._connection = copy.copy(action._connection)
+        if self.action._connection.become is not None:
+            self.action._connection.become = copy.copy(self.action._connection.become)
+        self.host, self.interval, self.token, self.where = host, interval, token, where
+        self.stopped = threading.Event()
+        self.shown: set[int] = set()
+        self.lock = threading.Lock()
+        self.seen = False
+
+    def run(self) -> None:
+        if self.stopped.wait(self.interval):
+            return
+        offset = 0
+        while not self.stopped.is_set():
+            try:
+                out = self.action._low_level_execute_command(POLL.format(
+                    token=self.token, offset=offset, start=offset + 1, seen=int(self.seen),
+                    ticks=self.interval * 5))["stdout"]
+            except Exception as exc:  # the connection's trouble is the module's to report; stop showing
+                display.vvv(f"pg_migrate: progress not read from {self.host}: {exc}")
+                return
+            if out.strip() == "gone":
+                return
+            # A line being written is read next time. Over SSH with a terminal, line ends come as \r\n.
+            complete = out[:out.rfind("\n") + 1].replace("\r\n", "\n").splitlines()
+            offset += sum(len(line.encode()) + 1 for line in complete)
+            self.seen = self.seen or bool(complete)
+            for line in complete:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    self.show(json.loads(line))
+
+    def show(self, event: dict) -> None:
+        with self.lock:
+            if event["seq"] in self.shown:
+                return
+            self.shown.add(event["seq"])
+        event.update(self.where(event))
+        display.display(progress_line(self.host, event), color=C.COLOR_VERBOSE)
+
+    def finish(self, result: dict) -> None:
+        """After the module: stop reading (waiting briefly for a read under way, when there is a file to
+        finish), show the events that were not shown live, and add line and first words to the result's."""
+        self.stopped.set()
+        if self.seen:
+            self.join(2)
+        for statement in result.get("progress") or []:
+            if not isinstance(statement, dict) or not isinstance(statement.get("events"), list):
+                continue
+            for event in statement["events"]:
+                with contextlib.suppress(KeyError, TypeError):
+                    self.show(event)
+            with contextlib.suppress(KeyError, TypeError, IndexError):
+                statement.update(self.where(statement))
+
+
+INTERNAL_OPTIONS = ("_findings", "_migrations_path", "_migrations_sha256", "_controller_pid", "_progress_token")
 
 
 class ActionModule(ActionBase):
@@ -292,5 +468,31 @@ class ActionModule(ActionBase):
             args.update(migrations={}, _migrations_path=path, _migrations_sha256=hashlib.sha256(data).hexdigest())
         if self._connection.transport == "local":  # the module watches this process (see controller_chain)
             args["_controller_pid"] = os.getpid()
-        result.update(self._execute_module(module_name="pg_migrate", module_args=args, task_vars=task_vars))
+        reader = self.progress_reader(args, findings, migrations, task_vars)
+        try:
+            module_result = self._execute_module(module_name="pg_migrate", module_args=args, task_vars=task_vars)
+        finally:
+            if reader is not None:
+                reader.stopped.set()
+        if reader is not None:
+            reader.finish(module_result)
+        result.update(module_result)
         return result
+
+    def progress_reader(self, args: dict, findings: dict, migrations: dict, task_vars: dict) -> ProgressReader | None:
+        """Started before the module, when progress_interval asks for it (the module refuses a bad value)."""
+        try:
+            interval = int(args.get("progress_interval", 5))
+        except (TypeError, ValueError):
+            return None
+        if interval <= 0:
+            return None
+        args["_progress_token"] = secrets.token_hex(16)
+
+        def where(event: dict) -> dict:
+            return where_running(migrations[event["migration"]], findings.get(event["migration"], {}), event)
+
+        reader = ProgressReader(self, task_vars.get("inventory_hostname", "?"), interval, args["_progress_token"],
+                                where)
+        reader.start()
+        return reader

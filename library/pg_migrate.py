@@ -224,6 +224,20 @@ options:
     description: C(application_name) of the session, as a DBA sees it in C(pg_stat_activity).
     type: str
     default: pg_migrate
+  progress_interval:
+    description:
+      - While a statement (a transactional file, or one statement of a no-transaction file) runs longer
+        than this many seconds, ask PostgreSQL what the session is doing, every this many seconds, on a
+        second read-only connection (named O(application_name) followed by C(progress)). Index builds
+        report their phase and share done from C(pg_stat_progress_create_index), C(CLUSTER) and
+        C(VACUUM FULL) from C(pg_stat_progress_cluster), C(VACUUM) and C(ANALYZE) from their views; a lock
+        wait names the lock and each blocking session (C(pg_blocking_pids)), with the attempt under
+        O(lock_retries); otherwise the session's C(wait_event).
+      - The action plugin prints each event on the controller while the module runs, at the default
+        verbosity, over SSH too; the events and the statement's duration are returned in RV(progress).
+      - V(0) turns it off. Nothing is asked, and no connection or file is made, for a shorter statement.
+    type: int
+    default: 5
   source:
     description:
       - Where the run comes from (for example the play and the controller), stored in the history.
@@ -503,6 +517,29 @@ plan_differences:
   returned: when O(expected_plan) was refused
   type: list
   elements: str
+progress:
+  description:
+    - Each statement that ran longer than O(progress_interval), with its duration and what PostgreSQL
+      said it was doing every interval (RV(progress[].events)). C(statement) counts the statements of a
+      no-transaction file from 0; it is null for a transactional file, which runs whole. The action plugin
+      adds the C(line) and the statement's first words (C(sql)) from the file as read on the controller.
+  returned: when a statement ran longer than O(progress_interval)
+  type: list
+  elements: dict
+  contains:
+    events:
+      description:
+        - C(elapsed_s) since the statement started, C(attempt) of C(attempts), C(text) as printed, and the
+          view's facts; C(command), C(relation), C(phase), C(done) of C(total) C(unit) and C(percent);
+          C(waiting_for) and C(blockers) (pid, application_name, user, state, transaction_open_s);
+          or C(wait_event). The last is C(finished) with C(ok).
+      type: list
+      elements: dict
+  sample: [{migration: 024_alerts_symbol_index.sql, statement: 0, line: 3, duration_ms: 41210.5, ok: true,
+            sql: CREATE INDEX CONCURRENTLY alerts_symbol_idx ON stock_monitoring.alerts (symbol),
+            events: [{elapsed_s: 5.0, attempt: 1, attempts: 1, command: CREATE INDEX CONCURRENTLY,
+                      phase: "building index: scanning table", done: 1204, total: 4425, unit: blocks,
+                      percent: 27.2, text: "CREATE INDEX CONCURRENTLY on stock_monitoring.alerts ..."}]}]
 server_version:
   description: Version of the PostgreSQL server.
   returned: when the server was reached
@@ -566,6 +603,7 @@ ARGUMENT_SPEC = {
     "statement_timeout": {"type": "str", "default": "15min"},
     "lock_wait_timeout": {"type": "int", "default": 300},
     "application_name": {"type": "str", "default": "pg_migrate"},
+    "progress_interval": {"type": "int", "default": 5},
     "source": {"type": "str", "default": ""},
     "lock_retries": {"type": "list", "elements": "dict", "default": [], "options": {
         "lock_timeout": {"type": "str", "required": True},
@@ -577,11 +615,13 @@ ARGUMENT_SPEC = {
     "expected_plan": {"type": "dict"},
     # Set by the action plugin on the controller, never by a task (it drops them from the task's arguments):
     # what the SQL parser found in each file; the file the migrations travel in when large, and its SHA-256;
-    # on a local connection, the ansible-playbook worker the watchdog watches (see pg_migrate_watchdog).
+    # on a local connection, the ansible-playbook worker the watchdog watches (see pg_migrate_watchdog); the
+# name of the progress file it reads while the module runs (see pg_migrate_progress).
     "_findings": {"type": "dict"},
     "_migrations_path": {"type": "str"},
     "_migrations_sha256": {"type": "str"},
     "_controller_pid": {"type": "int"},
+    "_progress_token": {"type": "str", "no_log": True},  # whoever knew it could plant the file the plugin reads
 }
 PG_MAX_MILLISECONDS = 2147483647  # lock_timeout and statement_timeout are int milliseconds
 
@@ -676,6 +716,8 @@ def input_problem(params: dict, check_mode: bool = False) -> str | None:
             return f"{option(key)} holds a NUL character, which no connection can carry"
     if params["connect_timeout"] < 0:
         return f"{option('connect_timeout')} must be 0 (no limit) or more seconds"
+    if params["progress_interval"] < 0:
+        return f"{option('progress_interval')} must be 0 (off) or more seconds"
     problem = plan_problem(params, check_mode)
     if problem:
         return problem
@@ -751,7 +793,7 @@ def main() -> None:
         module.fail_json(msg=problem, **common)
     began = time.monotonic()
     db = Database(module.params, mode, module.warn)
-    watch_controller(lambda: db.conn, module.params["_controller_pid"], db.watch_server)
+    watch_controller(lambda: db.conn, module.params["_controller_pid"], db.watch_server, db.progress.close)
     ran = []
     try:
         if module.params["drop_schema"]:
@@ -763,21 +805,23 @@ def main() -> None:
                 raise MigrationError(f"{option('expected_schema')}: {problem}")
             result, ran = migrate(db, migrations)
     except MigrationError as exc:
-        module.fail_json(msg=exc.msg, **common, **exc.details)
+        module.fail_json(msg=exc.msg, **common, **db.progress.result(), **exc.details)
     except psycopg2.Error as exc:
         # Anything the server refused outside a migration file: name what was being done.
         module.fail_json(msg=f"PostgreSQL at {db.where} (database {module.params['login_db']!r}) failed: "
-                             + (db.stalled or f"SQLSTATE {exc.pgcode}: {first_line(str(exc))}"), **common)
+                             + (db.stalled or f"SQLSTATE {exc.pgcode}: {first_line(str(exc))}"),
+                         **common, **db.progress.result())
     except Exception as exc:
         module.fail_json(msg=f"pg_migrate failed unexpectedly ({type(exc).__name__}: {first_line(str(exc))}); "
                              "this is a bug in pg_migrate: please report it with this message",
-                         exception=traceback.format_exc(), **common)
+                         exception=traceback.format_exc(), **common, **db.progress.result())
     finally:
+        db.progress.close()
         db.close()
     result["duration_ms"] = round((time.monotonic() - began) * 1000, 3)
     if module._diff and not module.params["drop_schema"]:
         result["diff"] = diff_of(result, ran)
-    module.exit_json(**common, **result)
+    module.exit_json(**common, **db.progress.result(), **result)
 
 
 if __name__ == "__main__":

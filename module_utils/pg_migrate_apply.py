@@ -36,14 +36,23 @@ def apply(db: Database, mig: Migration, schedule: list[Attempt], first_file: boo
     managed schema itself without IF NOT EXISTS.
     """
     began = time.monotonic()
-    return with_lock_retries(schedule if mig.transactional else ONE_ATTEMPT,
-                             lambda attempt, step, last: apply_once(db, mig, schedule, first_file, adopting,
-                                                                    began, attempt, step, last))
+    if not mig.transactional:  # reported on statement by statement (run_statements)
+        return apply_once(db, mig, schedule, first_file, adopting, began, 1, ONE_ATTEMPT[0], True)
+    db.progress.begin(mig.name, None, len(schedule))
+    ok = False
+    try:
+        applied = with_lock_retries(schedule, lambda attempt, step, last: apply_once(
+            db, mig, schedule, first_file, adopting, began, attempt, step, last))
+        ok = True
+        return applied
+    finally:
+        db.progress.end(ok)
 
 
 def apply_once(db: Database, mig: Migration, schedule: list[Attempt], first_file: bool, adopting: bool,
                began: float, attempt: int, step: Attempt, last: bool) -> dict:
     cur = db.conn.cursor()
+    db.progress.at(attempt=attempt)
     try:
         if step.lock_timeout:  # one round trip: the attempt's lock_timeout, local to the file's transaction
             cur.execute(RESET_SESSION + "; BEGIN; SELECT set_config('lock_timeout', %(attempt)s, true)",
@@ -115,8 +124,14 @@ def run_statements(db: Database, mig: Migration, schedule: list[Attempt]) -> int
         # A statement the action plugin marked `once` (a CONCURRENTLY build leaves an invalid index; a DO
         # block or a CALL may have committed) runs once, under the session's lock_timeout.
         steps = ONE_ATTEMPT if mig.statements[first][3] else schedule
-        index, used = with_lock_retries(
-            steps, lambda attempt, step, last, first=first: run_unit(db, mig, first, attempt, step, last))
+        db.progress.begin(mig.name, first, len(steps))
+        ok = False
+        try:
+            index, used = with_lock_retries(
+                steps, lambda attempt, step, last, first=first: run_unit(db, mig, first, attempt, step, last))
+            ok = True
+        finally:
+            db.progress.end(ok)
         attempts = max(attempts, used)
     if in_transaction(db):
         block = opened_at(mig, first)
@@ -146,6 +161,7 @@ def run_unit(db: Database, mig: Migration, first: int, attempt: int, step: Attem
                 cur.execute("SELECT set_config('lock_timeout', %s, false)", (step.lock_timeout,))
             while True:
                 start, end, _line, once = mig.statements[index]
+                db.progress.at(statement=index, attempt=attempt)
                 cur.execute(mig.text[start:end])
                 index += 1
                 if index == len(mig.statements) or not in_transaction(db):

@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Callable
 
 from ansible.module_utils.pg_migrate_plan import MigrationError, first_line, option
+from ansible.module_utils.pg_migrate_progress import Progress
 
 try:
     import psycopg2
@@ -159,7 +160,11 @@ class Database:
         self.unanswered = 0  # consecutive liveness checks the server did not answer
         self.checked_at = 0.0
         self.address: tuple[str, int] | None = None
+        self.server_pid: int | None = None  # of the session on the server, behind a pooler too (see settle)
         self.guards: dict[str, str | None] = dict(GUARDS)  # None: the server refused it (see connect)
+        # What a long statement is doing, every progress_interval seconds (0: never); the action plugin
+        # names the file it reads by a token of its own.
+        self.progress = Progress(self, params.get("progress_interval") or 0, params.get("_progress_token"))
         self.libpq = psycopg2.extensions.libpq_version()
         self.auth_settings = self.libpq_auth_settings()
 
@@ -295,10 +300,11 @@ class Database:
             # One round trip when the session is the server's own (no pooler): the usual case. There the
             # startup options set the timeouts, unless a pooler refused them before: then by SQL.
             cur.execute("SELECT pg_backend_pid() = %(pid)s, CASE WHEN pg_backend_pid() = %(pid)s AND %(set)s "
-                        "THEN concat(" + TIMEOUTS + ") END",
+                        "THEN concat(" + TIMEOUTS + ") END, pg_backend_pid()",
                         {"pid": conn.info.backend_pid, "set": not read_only and not self.startup_options,
                          **self.timeouts()})
-            if cur.fetchone()[0] or self.verify:
+            own, _, self.server_pid = cur.fetchone()
+            if own or self.verify:
                 return
             if shares_server(conn, probe):
                 raise self.shared_session()

@@ -59,13 +59,14 @@ def controller_gone(fd: int, chain: list[tuple[int, int]]) -> bool:
 
 
 def watch_controller(conn_of: Callable[[], object], controller: int | None, tick: Callable[[], None],
-                     interval: float = 0.5) -> None:
+                     cleanup: Callable[[], None], interval: float = 0.5) -> None:
     """Cancel the running statement and exit when the controller goes away, so no lock outlives it.
 
     Without this, ansible-playbook exits on Ctrl-C while the module's server session runs on to the end
     of its statement, holding the migration lock and the table locks. Cancelling rolls the file back;
     exiting closes the connection, which ends the session and releases the migration lock. `tick` runs
-    every interval in a thread of its own (Database.watch_server).
+    every interval in a thread of its own (Database.watch_server); `cleanup` runs before the exit (the
+    progress file goes).
     """
     fd, chain = sys.stdout.fileno(), controller_chain(controller)
 
@@ -74,6 +75,8 @@ def watch_controller(conn_of: Callable[[], object], controller: int | None, tick
         if conn is not None and not conn.closed:
             with contextlib.suppress(Exception):
                 conn.cancel()
+        with contextlib.suppress(Exception):
+            cleanup()
         os._exit(1)
 
     def watch() -> None:

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -220,6 +221,33 @@ def start_playbook(playbook: Path | str, inventory: Path | str | None = None, ex
     return subprocess.Popen(playbook_command(playbook, inventory, extra_vars, args), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=ansible_env(env), cwd=ROOT,
                             start_new_session=True)
+
+
+class Live:
+    """The output of a playbook started with start_playbook, line by line as it comes, each with the time it
+    came (time.monotonic()): what an operator watching the terminal sees, and when."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.lines: list[tuple[float, str]] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    def matching(self, pattern: str) -> list[tuple[float, str]]:
+        return [(at, line) for at, line in list(self.lines) if re.search(pattern, line)]
+
+    def wait(self, pattern: str, timeout: float = 60) -> None:
+        wait_for(lambda: self.matching(pattern), f"a line matching {pattern!r}", timeout)
+
+    def finish(self, timeout: int = 300) -> Result:
+        self.proc.wait(timeout)
+        self.reader.join(10)
+        out = "".join(line + "\n" for _, line in self.lines)
+        return Result(subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, ""))
 
 
 def finish(proc: subprocess.Popen, timeout: int = 300) -> Result:

@@ -18,6 +18,7 @@ from conftest import (
     EXPECTED,
     LOCAL,
     ROOT,
+    Live,
     ansible_env,
     env_text,
     finish,
@@ -32,6 +33,9 @@ from conftest import (
 )
 
 APP = "stock-monitoring-db"
+# The interrupt tests stop a deploy while its progress is being printed.
+WITH_PROGRESS = {"stock_monitoring_db_progress_interval": 1}
+PROGRESS_SHOWN = r"^progress: \[.* s: running, waiting on Timeout:PgSleep$"
 
 
 @pytest.fixture
@@ -110,13 +114,13 @@ def test_stopping_the_controller_cancels_the_migration_and_frees_the_table(tmp_p
     db.create()
     assert play(tmp_path, db).rc == 0
     env_file = tmp_path / ".env"
-    proc = start_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=LOCAL,
-                          extra_vars={"stock_monitoring_db_migrations_dir": str(write_migrations(
-                              tmp_path / "m", SLOW, with_real=True))},
-                          env={"STOCK_MONITORING_DB_ENV_FILE": str(env_file)})
+    live = Live(start_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=LOCAL, extra_vars=WITH_PROGRESS | {
+        "stock_monitoring_db_migrations_dir": str(write_migrations(tmp_path / "m", SLOW, with_real=True))},
+        env={"STOCK_MONITORING_DB_ENV_FILE": str(env_file)}))
     wait_for(lambda: running_slow(db), "the migration to run", 60)
-    proc.send_signal(signum)
-    finish(proc, 60)
+    live.wait(PROGRESS_SHOWN, 30)  # the progress reader is polling too
+    live.proc.send_signal(signum)
+    live.finish(60)
     stopped = time.monotonic()
     wait_for(lambda: not running_slow(db), "the migration's session to end", 10)
     assert time.monotonic() - stopped < 5
@@ -134,15 +138,16 @@ def test_over_ssh_losing_the_controller_cancels_the_migration_and_frees_the_tabl
     ssh_host.write_env(env_text(db))
     first = run_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=ssh_host.inventory)
     assert first.rc == 0, first.output
-    proc = start_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=ssh_host.inventory,
-                          extra_vars={"stock_monitoring_db_migrations_dir": str(write_migrations(
-                              tmp_path / "m", SLOW, with_real=True))})
+    live = Live(start_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=ssh_host.inventory,
+                               extra_vars=WITH_PROGRESS | {"stock_monitoring_db_migrations_dir": str(
+                                   write_migrations(tmp_path / "m", SLOW, with_real=True))}))
     wait_for(lambda: running_slow(db), "the migration to run", 60)
+    live.wait(PROGRESS_SHOWN, 30)  # the progress reader's ssh is running too
     if how == "Ctrl-C":
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(live.proc.pid, signal.SIGINT)
     else:
         subprocess.run(["pkill", "-KILL", "-f", f"ControlPath={ssh_host.root}/"], check=True)
-    finish(proc, 60)
+    live.finish(60)
     stopped = time.monotonic()
     wait_for(lambda: not running_slow(db), "the migration's session to end", 10)
     assert time.monotonic() - stopped < 5
@@ -175,16 +180,16 @@ def test_a_signal_to_the_module_itself_ends_the_statement_and_frees_the_table(tm
     cannot act, so the server notices its client is gone (client_connection_check_interval) and ends it."""
     db.create()
     assert play(tmp_path, db).rc == 0
-    proc = start_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=LOCAL,
-                          extra_vars={"stock_monitoring_db_migrations_dir": str(write_migrations(
-                              tmp_path / "m", SLOW, with_real=True))},
-                          env={"STOCK_MONITORING_DB_ENV_FILE": str(tmp_path / ".env")})
+    live = Live(start_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=LOCAL, extra_vars=WITH_PROGRESS | {
+        "stock_monitoring_db_migrations_dir": str(write_migrations(tmp_path / "m", SLOW, with_real=True))},
+        env={"STOCK_MONITORING_DB_ENV_FILE": str(tmp_path / ".env")}))
     wait_for(lambda: running_slow(db), "the migration to run", 60)
-    os.kill(module_process(proc.pid), signum)
+    live.wait(PROGRESS_SHOWN, 30)
+    os.kill(module_process(live.proc.pid), signum)
     stopped = time.monotonic()
     wait_for(lambda: not running_slow(db), "the migration's session to end", 15)
     assert time.monotonic() - stopped < 5
-    res = finish(proc, 60)
+    res = live.finish(60)
     assert res.rc != 0 and [r[0] for r in db.history()] == [22, 23]
     conn = db.connect()
     conn.cursor().execute("SET lock_timeout = '2s'; SELECT count(*) FROM stock_monitoring.alerts")

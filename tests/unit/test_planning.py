@@ -222,7 +222,7 @@ def test_one_duration_reader_serves_the_timeouts_and_the_lock_schedule():
     module = load_library("pg_migrate")
     params = {"lock_timeout": "1.5s", "statement_timeout": "15min", "lock_retries": [],
               "login_host": "h", "login_user": "u", "login_password": "", "login_db": "d", "maintenance_db": "postgres",
-              "application_name": "a", "require_auth": "", "connect_timeout": 10, "schema": "s",
+              "application_name": "a", "require_auth": "", "connect_timeout": 10, "progress_interval": 5, "schema": "s",
               "history_table": "pg_migrate_history", "plan_out": False, "expected_plan": None, "verify": False,
               "drop_schema": False}
     assert module.input_problem(params) is None and pm.seconds("1.5s") == 1.5
@@ -238,7 +238,7 @@ def test_every_option_but_the_internal_ones_is_documented():
     public = {name for name in module.ARGUMENT_SPEC if not name.startswith("_")}
     assert public == documented
     assert {name for name in module.ARGUMENT_SPEC if name.startswith("_")} == {
-        "_findings", "_migrations_path", "_migrations_sha256", "_controller_pid"}
+        "_findings", "_migrations_path", "_migrations_sha256", "_controller_pid", "_progress_token"}
 
 
 def test_the_role_documents_its_defaults_as_they_are():

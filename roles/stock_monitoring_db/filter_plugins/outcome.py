@@ -69,6 +69,8 @@ def outcome(result: dict | None, host: str, schema: str, mode: str, diff: bool =
         "history_table": result.get("history_table", ""),
         "server_version": result.get("server_version", ""),
         "duration_ms": result.get("duration_ms", 0),
+        # The statements that ran longer than progress_interval, with what PostgreSQL said every interval.
+        "progress": list(result.get("progress", [])),
         # pg_migrate's warnings (Ansible shows them too, in the module's words), as the role's variables say it.
         "warnings": [named(str(w), variables or {}) for w in result.get("warnings", [])],
     }
@@ -104,6 +106,7 @@ def summary(report: dict, result: dict, planning: bool, diff: bool, psycopg2_pac
         lines.append("adopted a schema that was migrated by hand")
     applied = ", ".join(f"{a['name']} in {a['duration_ms']} ms" + attempts(a) for a in report["applied"])
     lines.append(f"applied: {applied or 'none'}")
+    lines += [f"long statement: {long_statement(statement)}" for statement in report["progress"]]
     if report["pending"]:
         state = "would apply" if planning else "not applied"
         lines.append(f"pending ({state}): {', '.join(p['name'] for p in report['pending'])}")
@@ -133,6 +136,18 @@ def summary(report: dict, result: dict, planning: bool, diff: bool, psycopg2_pac
     if diff:
         lines += [line for line in result.get("diff", {}).get("prepared", "").split("\n") if line]
     return lines
+
+
+def long_statement(statement: dict) -> str:
+    """A statement that ran longer than progress_interval: where, how long, and the last thing PostgreSQL said."""
+    if statement.get("line") is not None:
+        where = f"line {statement['line']} ({statement['sql']})"
+    else:
+        where = "lines " + ", ".join(map(str, (statement.get("lines") or [])[:6]))
+    said = [e["text"] for e in statement.get("events", []) if not e.get("finished")]
+    last = f"; last seen: {said[-1]}" if said else ""
+    outcome = "" if statement.get("ok", True) else ", failed"
+    return f"{statement['migration']} {where}, {statement['duration_ms'] / 1000:.1f} s{outcome}{last}"
 
 
 def plan_lines(report: dict) -> list[str]:

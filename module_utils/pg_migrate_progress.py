@@ -1,0 +1,293 @@
+# Copyright: (c) 2026, Stock Monitoring team
+# MIT License (see LICENSE)
+"""Progress of a long statement: what PostgreSQL says it is doing, every progress_interval seconds.
+
+While a migration's statement (a transactional file, or one statement of a no-transaction file) has run
+longer than the interval, a thread asks the server on a second, read-only connection what the session
+is doing (pg_stat_progress_create_index, _cluster, _vacuum, _analyze; the lock it waits for and who
+holds it, from pg_blocking_pids; else its wait_event), once per interval. Each answer is an event:
+
+- kept for the result (the JSON report keeps them, with the statement's duration);
+- appended as a JSON line to a private file on the host, which the action plugin reads on the
+  controller while the module runs and prints (see action_plugins/pg_migrate.py).
+
+Nothing of this runs, and no connection or file is made, for a statement shorter than the interval:
+a no-op deploy costs nothing more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from ansible.module_utils.pg_migrate_plan import first_line
+
+if TYPE_CHECKING:  # the driver holds its Progress: no import at run time
+    from ansible.module_utils.pg_migrate_connect import Database
+
+try:
+    import psycopg2
+except ImportError:  # pg_migrate reports it through missing_required_lib
+    psycopg2 = None
+
+# One round trip per event. The progress views are read whole (to_jsonb), so that a column a major
+# renamed or added does no harm; pg_blocking_pids runs once (in FROM), and only while the session waits.
+ACTIVITY = """
+SELECT a.wait_event_type, a.wait_event,
+  (SELECT to_jsonb(p) || jsonb_build_object('relation', p.relid::regclass::text)
+     FROM pg_stat_progress_create_index p WHERE p.pid = a.pid) AS create_index,
+  (SELECT to_jsonb(p) || jsonb_build_object('relation', p.relid::regclass::text)
+     FROM pg_stat_progress_cluster p WHERE p.pid = a.pid) AS cluster,
+  (SELECT to_jsonb(p) || jsonb_build_object('relation', p.relid::regclass::text)
+     FROM pg_stat_progress_vacuum p WHERE p.pid = a.pid) AS vacuum,
+  (SELECT to_jsonb(p) || jsonb_build_object('relation', p.relid::regclass::text)
+     FROM pg_stat_progress_analyze p WHERE p.pid = a.pid) AS analyze,
+  (SELECT jsonb_build_object('locktype', l.locktype, 'mode', l.mode, 'relation', l.relation::regclass::text)
+     FROM pg_locks l WHERE l.pid = a.pid AND NOT l.granted LIMIT 1) AS waiting,
+  (SELECT jsonb_agg(jsonb_build_object('pid', b.pid, 'application_name', b.application_name, 'user', b.usename,
+                                       'state', b.state,
+                                       'transaction_open_s', round(extract(epoch FROM now() - b.xact_start)))
+                    ORDER BY b.pid)
+     FROM pg_stat_activity b
+    WHERE b.pid IN (SELECT unnest(pg_blocking_pids(a.pid)) WHERE a.wait_event_type = 'Lock'
+                    UNION SELECT current_locker_pid FROM pg_stat_progress_create_index
+                           WHERE pid = a.pid AND current_locker_pid <> 0)) AS blockers
+FROM pg_stat_activity a WHERE a.pid = %s
+"""
+# Between two attempts under lock retries nothing waits, so pg_blocking_pids has nothing to say: the sessions
+# that hold locks on the managed schema's tables instead, the longest-open transaction first.
+HOLDERS = """
+SELECT jsonb_agg(h ORDER BY h.transaction_open_s DESC NULLS LAST, h.pid) FROM (
+  SELECT DISTINCT ON (a.pid) a.pid, a.application_name, a.usename AS user, a.state, l.mode,
+         n.nspname || '.' || c.relname AS relation, round(extract(epoch FROM now() - a.xact_start)) AS transaction_open_s
+    FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace
+    JOIN pg_stat_activity a ON a.pid = l.pid
+   WHERE l.granted AND l.pid <> %s AND n.nspname = %s
+     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+   ORDER BY a.pid, l.mode) h
+"""
+# Sessions named in one line, at most.
+SHOWN_SESSIONS = 5
+# The unit of a phase's progress: (phase words, done column, total column, unit).
+CREATE_INDEX_UNITS = (("loading tuples", "tuples_done", "tuples_total", "tuples"),
+                      ("scanning", "blocks_done", "blocks_total", "blocks"),
+                      ("waiting for", "lockers_done", "lockers_total", "older transactions"))
+CLUSTER_UNITS = (("seq scanning heap", "heap_blks_scanned", "heap_blks_total", "blocks"),)
+VACUUM_UNITS = (("scanning heap", "heap_blks_scanned", "heap_blks_total", "blocks"),
+                ("vacuuming heap", "heap_blks_vacuumed", "heap_blks_total", "blocks"))
+ANALYZE_UNITS = (("acquiring sample rows", "sample_blks_scanned", "sample_blks_total", "blocks"),
+                 ("acquiring inherited sample rows", "child_tables_done", "child_tables_total", "child tables"),
+                 ("computing extended statistics", "ext_stats_computed", "ext_stats_total", "statistics"))
+LOCK_NAMES = {"transactionid": "a row lock (another transaction's rows)", "tuple": "a row lock",
+              "virtualxid": "another transaction to end", "advisory": "an advisory lock"}
+
+
+def blocker_text(b: dict) -> str:
+    """One blocking session. Its state and transaction are hidden from a login without pg_read_all_stats
+    when it is another role's session: said so, rather than guessed."""
+    state = b.get("state") or "state hidden (pg_read_all_stats)"
+    held = f", {b['mode']} on {b['relation']}" if b.get("mode") else ""
+    opened = b.get("transaction_open_s")
+    transaction = f", transaction open {int(opened)} s" if opened is not None else ""
+    return f"pid {b['pid']} (application {b.get('application_name') or ''!r}, {state}{held}{transaction})"
+
+
+def sessions_text(sessions: list[dict]) -> str:
+    more = len(sessions) - SHOWN_SESSIONS
+    return "; ".join(blocker_text(b) for b in sessions[:SHOWN_SESSIONS]) + (f"; and {more} more" if more > 0 else "")
+
+
+def measured(view: dict, units: tuple) -> dict:
+    """The phase's done, total and percentage, where the view counts it."""
+    phase = view.get("phase") or ""
+    for words, done, total, unit in units:
+        if words in phase and (view.get(total) or 0) > 0:
+            return {"done": view.get(done) or 0, "total": view[total], "unit": unit,
+                    "percent": round(100 * (view.get(done) or 0) / view[total], 1)}
+    return {}
+
+
+def describe(row: dict) -> dict:
+    """What the session is doing, from one row of ACTIVITY (as a dict): the view's facts and one sentence
+    (the event's attempt and attempts say which attempt under lock retries)."""
+    for name, units in (("create_index", CREATE_INDEX_UNITS), ("cluster", CLUSTER_UNITS),
+                        ("vacuum", VACUUM_UNITS), ("analyze", ANALYZE_UNITS)):
+        view = row.get(name)
+        if not view:
+            continue
+        command = view.get("command") or name.upper()
+        facts = {"view": f"pg_stat_progress_{name}", "command": command, "relation": view.get("relation"),
+                 "phase": view.get("phase"), **measured(view, units)}
+        text = f"{command} on {facts['relation']}: {facts['phase']}"
+        if "percent" in facts:
+            text += f", {facts['percent']:g}% ({facts['done']:,} of {facts['total']:,} {facts['unit']})"
+        if name == "cluster" and not facts.get("total") and view.get("heap_tuples_written"):
+            text += f", {view['heap_tuples_written']:,} tuples written"
+        if (view.get("partitions_total") or 0) > 0:
+            text += f", partition {view.get('partitions_done', 0) + 1} of {view['partitions_total']}"
+        if row.get("blockers") and "waiting" in (facts["phase"] or ""):
+            facts["blockers"] = row["blockers"]
+            text += ": waiting for " + sessions_text(row["blockers"])
+        return {**facts, "text": text}
+    waiting = row.get("waiting")
+    if waiting and row.get("wait_event_type") == "Lock":
+        if waiting.get("locktype") == "relation":
+            what = f"{waiting['mode']} on {waiting['relation']}"
+        else:
+            what = LOCK_NAMES.get(waiting.get("locktype"), f"a {waiting.get('locktype')} lock")
+        blockers = row.get("blockers") or []
+        text = f"waiting for {what}"
+        text += (", blocked by " + sessions_text(blockers)) if blockers else ""
+        return {"waiting_for": {**waiting}, "blockers": blockers, "text": text}
+    if row.get("wait_event"):
+        event = f"{row['wait_event_type']}:{row['wait_event']}"
+        return {"wait_event": event, "text": f"running, waiting on {event}"}
+    return {"wait_event": None, "text": "running (on CPU, no wait event)"}
+
+
+class Unit:
+    """A statement (or a whole transactional file) being run, with its lock retries."""
+
+    def __init__(self, migration: str, statement: int | None, attempts: int) -> None:
+        self.migration, self.statement, self.attempts = migration, statement, attempts
+        self.attempt = 1
+        self.started = time.monotonic()
+        self.next_due = 0.0
+        self.events: list[dict] = []
+
+
+class Progress:
+    """The events of one run. `begin`, `attempt` and `end` come from the main thread (pg_migrate_apply),
+    `sample` from a thread of its own, started on the first statement."""
+
+    def __init__(self, db: Database, interval: int, token: str | None) -> None:
+        self.db, self.interval = db, interval
+        # The path the action plugin reads: ${TMPDIR:-/tmp}, as its shell command spells it.
+        self.path = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"pg_migrate-progress-{token}.jsonl") \
+            if token else None
+        self.fd: int | None = None
+        self.lock = threading.Lock()
+        self.unit: Unit | None = None
+        self.statements: list[dict] = []  # the units that ran longer than the interval, for the result
+        self.seq = 0
+        self.monitor = None
+        self.thread: threading.Thread | None = None
+
+    def begin(self, migration: str, statement: int | None, attempts: int) -> None:
+        if not self.interval:
+            return
+        unit = Unit(migration, statement, attempts)
+        unit.next_due = unit.started + self.interval
+        with self.lock:
+            self.unit = unit
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.run, name="pg_migrate-progress", daemon=True)
+            self.thread.start()
+
+    def at(self, statement: int | None = None, attempt: int | None = None) -> None:
+        """The statement of a block (BEGIN ... COMMIT) now running, or the attempt now starting."""
+        unit = self.unit
+        if unit is not None:
+            unit.statement = unit.statement if statement is None else statement
+            unit.attempt = unit.attempt if attempt is None else attempt
+
+    def end(self, ok: bool) -> None:
+        """The unit ended; when it was reported on, its duration closes its events."""
+        with self.lock:
+            unit, self.unit = self.unit, None
+        if unit is None or not unit.events:
+            return
+        duration = time.monotonic() - unit.started
+        with self.lock:
+            self.emit(unit, {"finished": True, "ok": ok, "elapsed_s": round(duration, 1),
+                             "text": f"{'finished' if ok else 'failed'} after {duration:.1f} s"})
+        self.statements.append({"migration": unit.migration, "statement": unit.statement,
+                                "duration_ms": round(duration * 1000, 3), "ok": ok, "events": unit.events})
+
+    def run(self) -> None:
+        while True:
+            time.sleep(0.25)
+            unit = self.unit
+            if unit is None or time.monotonic() < unit.next_due:
+                continue
+            now = time.monotonic()
+            unit.next_due = now + self.interval
+            event = self.sample(unit)
+            with self.lock:
+                if self.unit is unit:  # not ended meanwhile
+                    event["elapsed_s"] = round(now - unit.started, 1)
+                    self.emit(unit, event)
+
+    def sample(self, unit: Unit) -> dict:
+        conn = self.db.conn
+        running = conn is not None and getattr(conn, "running_since", None) is not None
+        try:
+            if running:
+                row = self.read(ACTIVITY, (self.db.server_pid,))
+                if row is None:
+                    return {"text": "running (the session is not in pg_stat_activity)"}
+                return describe(row)
+            if unit.attempts > 1 and unit.attempt < unit.attempts:
+                holders = self.read(HOLDERS, (self.db.server_pid, self.db.schema))["jsonb_agg"] or []
+                text = (f"did not get its locks within the attempt's lock_timeout, pausing before attempt "
+                        f"{unit.attempt + 1}")
+                return {"holders": holders,
+                        "text": text + (f"; holding locks in {self.db.schema}: {sessions_text(holders)}"
+                                        if holders else "")}
+            return {"text": "between statements"}
+        except psycopg2.Error as exc:
+            self.close_monitor()
+            return {"text": f"running (PostgreSQL's progress views could not be read: {first_line(str(exc))})"}
+
+    def read(self, query: str, args: tuple) -> dict | None:
+        """One row of a query, from a read-only connection of its own (opened once, on the same server),
+        whose queries end after 5 s."""
+        db = self.db
+        if self.monitor is None or self.monitor.closed:
+            self.monitor = db._connect_once(db.conn.info.dbname, writable=False, on=db.address)
+            self.monitor.cursor().execute(
+                "SELECT set_config('application_name', %s, false), set_config('statement_timeout', '5s', false), "
+                "set_config('lock_timeout', '1s', false), set_config('default_transaction_read_only', 'on', false)",
+                (f"{db.p['application_name']} progress"[:63],))
+        with self.monitor.cursor() as cur:
+            cur.execute(query, args)
+            found = cur.fetchone()
+        if found is None:
+            return None
+        return dict(zip([c.name for c in cur.description], found, strict=True))
+
+    def emit(self, unit: Unit, event: dict) -> None:
+        self.seq += 1
+        event = {"seq": self.seq, "migration": unit.migration, "statement": unit.statement,
+                 "attempt": unit.attempt, "attempts": unit.attempts, **event}
+        unit.events.append(event)
+        if self.path is None:
+            return
+        with contextlib.suppress(OSError):  # no live line then; the result keeps the event
+            if self.fd is None:  # private, and never another's file of that name (O_EXCL, no symlink)
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW,
+                                  0o600)
+            os.write(self.fd, (json.dumps(event, default=str) + "\n").encode())
+
+    def result(self) -> dict:
+        """The module result's `progress`, when a statement was reported on."""
+        return {"progress": self.statements} if self.statements else {}
+
+    def close_monitor(self) -> None:
+        if self.monitor is not None:
+            with contextlib.suppress(Exception):
+                self.monitor.close()
+            self.monitor = None
+
+    def close(self) -> None:
+        """At the module's end, and in the watchdog's exit: the file goes (the action plugin then stops)."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+        self.close_monitor()

@@ -1,0 +1,174 @@
+"""Progress without a server: what a row of PostgreSQL's views becomes, which statement of a file a line
+names, the line an operator reads, the host-side poll, and the private progress file."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+
+import pytest
+from ansible.module_utils import pg_migrate_progress as progress
+from conftest import load_library
+
+plugin = load_library("pg_migrate", "action_plugins")
+outcome = load_library("outcome", "roles/stock_monitoring_db/filter_plugins").outcome
+
+
+def create_index(phase: str, **counts) -> dict:
+    return {"create_index": {"command": "CREATE INDEX CONCURRENTLY", "phase": phase, "relation": "s.ticks",
+                             "blocks_total": 0, "blocks_done": 0, "tuples_total": 0, "tuples_done": 0,
+                             "lockers_total": 0, "lockers_done": 0, "partitions_total": 0, "partitions_done": 0,
+                             **counts}}
+
+
+def test_an_index_build_reports_its_phase_and_the_share_of_the_phase_done():
+    scanning = progress.describe(create_index("building index: scanning table", blocks_total=75000,
+                                              blocks_done=33867))
+    assert scanning["text"] == ("CREATE INDEX CONCURRENTLY on s.ticks: building index: scanning table, 45.2% "
+                                "(33,867 of 75,000 blocks)")
+    assert scanning["view"] == "pg_stat_progress_create_index" and scanning["percent"] == 45.2
+    # The blocks of the phase before are still counted while tuples load: the phase's own unit is shown.
+    loading = progress.describe(create_index("building index: loading tuples in tree", blocks_total=75000,
+                                             blocks_done=75000, tuples_total=9000000, tuples_done=4556237))
+    assert loading["text"].endswith("loading tuples in tree, 50.6% (4,556,237 of 9,000,000 tuples)")
+    assert progress.describe(create_index("building index: sorting live tuples", blocks_total=75000,
+                                          blocks_done=75000))["text"].endswith("sorting live tuples")
+
+
+def test_a_concurrent_build_waiting_for_older_transactions_names_them():
+    row = {**create_index("waiting for old snapshots", lockers_total=2, lockers_done=1, current_locker_pid=41),
+           "blockers": [{"pid": 41, "application_name": "report", "user": "app", "state": "idle in transaction",
+                         "transaction_open_s": 73.0}]}
+    assert progress.describe(row)["text"] == (
+        "CREATE INDEX CONCURRENTLY on s.ticks: waiting for old snapshots, 50% (1 of 2 older transactions): "
+        "waiting for pid 41 (application 'report', idle in transaction, transaction open 73 s)")
+
+
+def test_a_lock_wait_names_the_lock_and_each_blocking_session():
+    row = {"wait_event_type": "Lock", "wait_event": "relation",
+           "waiting": {"locktype": "relation", "mode": "AccessExclusiveLock", "relation": "s.alerts"},
+           "blockers": [{"pid": 7, "application_name": "dag", "state": "active", "transaction_open_s": 12.0},
+                        {"pid": 9, "application_name": "api", "state": None, "transaction_open_s": None}]}
+    found = progress.describe(row)
+    assert found["text"] == ("waiting for AccessExclusiveLock on s.alerts, blocked by pid 7 (application 'dag', "
+                             "active, transaction open 12 s); pid 9 (application 'api', state hidden "
+                             "(pg_read_all_stats))")
+    assert found["waiting_for"]["relation"] == "s.alerts" and [b["pid"] for b in found["blockers"]] == [7, 9]
+    rows = {"wait_event_type": "Lock", "wait_event": "transactionid", "waiting": {"locktype": "transactionid"}}
+    assert progress.describe(rows)["text"] == "waiting for a row lock (another transaction's rows)"
+
+
+def test_many_blocking_sessions_are_counted_past_the_first_five():
+    sessions = [{"pid": n, "application_name": "api", "state": "active", "transaction_open_s": 1} for n in range(8)]
+    assert progress.sessions_text(sessions).endswith("; and 3 more") and progress.sessions_text(sessions).count(
+        "pid ") == 5
+
+
+@pytest.mark.parametrize(("row", "text"), [
+    ({"cluster": {"command": "VACUUM FULL", "phase": "seq scanning heap", "relation": "s.t", "heap_blks_total": 10,
+                  "heap_blks_scanned": 4}}, "VACUUM FULL on s.t: seq scanning heap, 40% (4 of 10 blocks)"),
+    ({"cluster": {"command": "CLUSTER", "phase": "index scanning heap", "relation": "s.t", "heap_blks_total": 0,
+                  "heap_tuples_written": 1500}}, "CLUSTER on s.t: index scanning heap, 1,500 tuples written"),
+    ({"vacuum": {"phase": "scanning heap", "relation": "s.t", "heap_blks_total": 8, "heap_blks_scanned": 2}},
+     "VACUUM on s.t: scanning heap, 25% (2 of 8 blocks)"),
+    ({"analyze": {"phase": "acquiring sample rows", "relation": "s.t", "sample_blks_total": 300,
+                  "sample_blks_scanned": 100}}, "ANALYZE on s.t: acquiring sample rows, 33.3% (100 of 300 blocks)"),
+    ({"wait_event_type": "IO", "wait_event": "DataFileRead"}, "running, waiting on IO:DataFileRead"),
+    ({"wait_event_type": None, "wait_event": None}, "running (on CPU, no wait event)"),
+], ids=["VACUUM FULL", "CLUSTER", "VACUUM", "ANALYZE", "wait event", "on CPU"])
+def test_the_other_views_and_the_wait_event(row, text):
+    assert progress.describe(row)["text"] == text
+
+
+TWO = ("-- alerts first\nALTER TABLE s.alerts ADD COLUMN note text;\n\n"
+       "CREATE INDEX alerts_note ON s.alerts (note);\nCREATE INDEX n_note ON s.notifications\n  (note);\n")
+
+
+def test_a_no_transaction_file_names_the_statement_the_module_runs():
+    text = "-- pg_migrate:no-transaction\nCREATE INDEX CONCURRENTLY a ON s.t (x);\n/* next */ VACUUM s.t;\n"
+    finding = plugin.analyse("024_x.sql", text)
+    assert plugin.where_running(text, finding, {"statement": 1}) == {"line": 3, "sql": "VACUUM s.t"}
+
+
+def test_a_transactional_file_names_the_one_statement_that_fits_what_the_server_reports():
+    lock = {"statement": None, "waiting_for": {"relation": "s.notifications"}}
+    assert plugin.where_running(TWO, {}, lock) == {"line": 5, "sql": "CREATE INDEX n_note ON s.notifications (note)"}
+    build = {"statement": None, "command": "CREATE INDEX", "relation": "s.alerts"}
+    assert plugin.where_running(TWO, {}, build)["line"] == 4
+    assert plugin.fits_command("CREATE INDEX", ["ALTER", "TABLE"], {"primary", "key"})  # ADD PRIMARY KEY builds one
+    # Two statements on alerts fit a lock wait on it, and nothing fits a wait event: the lines, not a guess.
+    assert plugin.where_running(TWO, {}, {"statement": None, "waiting_for": {"relation": "s.alerts"}}) == {
+        "line": None, "lines": [2, 4], "sql": None}
+    assert plugin.where_running(TWO, {}, {"statement": None, "wait_event": "IO:DataFileRead"})["lines"] == [2, 4, 5]
+    assert plugin.where_running("\ufeffSELECT pg_sleep(9);", {}, {"statement": None}) == {
+        "line": 1, "sql": "SELECT pg_sleep(9)"}
+
+
+def test_the_statement_shown_is_its_first_words_on_one_line():
+    assert plugin.shown_sql("CREATE  INDEX -- why\n  a ON s.t(x)") == "CREATE INDEX a ON s.t(x)"
+    long = plugin.shown_sql("INSERT INTO s.t VALUES ('" + "x" * 200 + "')")
+    assert len(long) == plugin.SHOWN_SQL and long.endswith("…")
+
+
+def test_the_line_an_operator_reads():
+    event = {"migration": "024_x.sql", "line": 2, "sql": "ALTER TABLE s.alerts ADD COLUMN note text",
+             "elapsed_s": 12.0, "attempt": 3, "attempts": 52, "text": "waiting for AccessExclusiveLock on s.alerts",
+             "waiting_for": {}}
+    assert plugin.progress_line("db1", event) == (
+        "progress: [db1] 024_x.sql line 2 (ALTER TABLE s.alerts ADD COLUMN note text), 12 s, attempt 3 of 52: "
+        "waiting for AccessExclusiveLock on s.alerts")
+    first = {**event, "attempt": 1, "text": "running, waiting on IO:DataFileRead"}
+    del first["waiting_for"]
+    assert ", attempt" not in plugin.progress_line("db1", first)  # not retried yet, and not waiting for a lock
+    assert plugin.progress_line("db1", {**event, "line": None, "lines": [2, 4]}).startswith(
+        "progress: [db1] 024_x.sql one of the statements at lines 2, 4, 12 s")
+    assert plugin.progress_line("db1", {**event, "finished": True, "text": "finished after 41.2 s"}) == (
+        "progress: [db1] 024_x.sql line 2 (ALTER TABLE s.alerts ADD COLUMN note text): finished after 41.2 s")
+
+
+def poll(tmp_path, offset: int = 0, seen: int = 0) -> str:
+    command = plugin.POLL.format(token="t0k", offset=offset, start=offset + 1, seen=seen, ticks=2)
+    return subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, check=True,
+                          env={"TMPDIR": str(tmp_path), "PATH": os.environ["PATH"]}).stdout
+
+
+def test_the_poll_on_the_host_returns_what_was_added_and_says_when_the_module_is_gone(tmp_path):
+    path = tmp_path / "pg_migrate-progress-t0k.jsonl"
+    assert poll(tmp_path) == ""  # not there yet: waits a little, then returns nothing
+    path.write_text('{"seq": 1}\n{"seq": 2}\n')
+    assert poll(tmp_path) == '{"seq": 1}\n{"seq": 2}\n'
+    assert poll(tmp_path, offset=11) == '{"seq": 2}\n'
+    assert poll(tmp_path, offset=22, seen=1) == ""  # nothing new
+    path.unlink()
+    assert poll(tmp_path, offset=22, seen=1) == "gone\n"
+
+
+def test_the_progress_file_is_private_never_another_one_and_goes_at_the_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    unit = progress.Unit("024_x.sql", None, 1)
+    mine = progress.Progress(None, 5, "abc")
+    mine.emit(unit, {"text": "running"})
+    path = tmp_path / "pg_migrate-progress-abc.jsonl"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and '"text": "running"' in path.read_text()
+    mine.close()
+    assert not path.exists() and unit.events[0]["seq"] == 1
+    # A file (or a link) already at that name is never written to: the event stays in the result only.
+    (tmp_path / "elsewhere").write_text("")
+    (tmp_path / "pg_migrate-progress-xyz.jsonl").symlink_to(tmp_path / "elsewhere")
+    theirs = progress.Progress(None, 5, "xyz")
+    theirs.emit(unit, {"text": "running"})
+    assert (tmp_path / "elsewhere").read_text() == "" and len(unit.events) == 2 and theirs.fd is None
+    theirs.close()
+    assert (tmp_path / "pg_migrate-progress-xyz.jsonl").is_symlink()
+
+
+def test_a_long_statement_is_in_the_report_and_its_summary():
+    statement = {"migration": "024_x.sql", "statement": None, "line": 2, "sql": "ALTER TABLE s.alerts ADD COLUMN n",
+                 "duration_ms": 41210.5, "ok": True,
+                 "events": [{"text": "waiting for AccessExclusiveLock on s.alerts"}, {"finished": True, "text": "x"}]}
+    found = outcome({"changed": True, "mode": "deploy", "progress": [statement], "applied": [], "login": {}},
+                    "web1", "s", "deploy")
+    assert found["report"]["progress"] == [statement]
+    assert ("long statement: 024_x.sql line 2 (ALTER TABLE s.alerts ADD COLUMN n), 41.2 s; last seen: waiting for "
+            "AccessExclusiveLock on s.alerts") in found["summary"]
