@@ -344,6 +344,28 @@ class Database:
             with contextlib.suppress(OSError):
                 socket.socket(fileno=os.dup(conn.fileno())).shutdown(socket.SHUT_RDWR)
 
+    def side_connection(self, wait: float) -> psycopg2.extensions.connection | None:
+        """A second connection to the server of ours, for a question on the side (progress), or None when it
+        is not made within `wait` seconds. Asynchronous, so that a pool with no free server connection or a
+        hung server cannot hold the asking thread."""
+        conn = self._connect_once(self.conn.info.dbname, writable=False, on=self.address, async_=True)
+        if wait_ready(conn, time.monotonic() + wait):
+            return conn
+        conn.close()
+        return None
+
+    @staticmethod
+    def ask_aside(conn: psycopg2.extensions.connection, query: str, args: tuple,
+                  wait: float) -> dict | None:
+        """One row of a query on a side connection, by column name, or None when no answer came in `wait`
+        seconds ({} for no row)."""
+        cur = conn.cursor()
+        cur.execute(query, args)
+        if not wait_ready(conn, time.monotonic() + wait):
+            return None
+        row = cur.fetchone() if cur.description else None
+        return dict(zip([c.name for c in cur.description], row, strict=True)) if row else {}
+
     def timeouts(self) -> dict:
         """The values of TIMEOUTS: the run's timeouts and the guards (0 for a check the server cannot make)."""
         return {"lock_timeout": self.p["lock_timeout"], "statement_timeout": self.p["statement_timeout"],

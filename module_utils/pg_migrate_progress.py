@@ -70,6 +70,11 @@ SELECT jsonb_agg(h ORDER BY h.transaction_open_s DESC NULLS LAST, h.pid) FROM (
      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
    ORDER BY a.pid, l.mode) h
 """
+# The progress connection's settings: named, read only, and never waiting long.
+MONITOR_SETTINGS = ("SELECT set_config('application_name', %s, false), set_config('statement_timeout', '5s', false), "
+                    "set_config('lock_timeout', '1s', false), set_config('default_transaction_read_only', 'on', false)")
+# Seconds an answer to a progress query may take.
+ANSWER_WAIT = 5
 # Sessions named in one line, at most.
 SHOWN_SESSIONS = 5
 # The unit of a phase's progress: (phase words, done column, total column, unit).
@@ -149,6 +154,10 @@ def describe(row: dict) -> dict:
     return {"wait_event": None, "text": "running (on CPU, no wait event)"}
 
 
+class Unanswered(Exception):
+    """The progress connection got no answer in time."""
+
+
 class Unit:
     """A statement (or a whole transactional file) being run, with its lock retries."""
 
@@ -175,6 +184,7 @@ class Progress:
         self.statements: list[dict] = []  # the units that ran longer than the interval, for the result
         self.seq = 0
         self.monitor = None
+        self.busy = False  # a progress query is in flight (its connection is not closed under it)
         self.thread: threading.Thread | None = None
 
     def begin(self, migration: str, statement: int | None, attempts: int) -> None:
@@ -228,7 +238,7 @@ class Progress:
         try:
             if running:
                 row = self.read(ACTIVITY, (self.db.server_pid,))
-                if row is None:
+                if not row:
                     return {"text": "running (the session is not in pg_stat_activity)"}
                 return describe(row)
             if unit.attempts > 1 and unit.attempt < unit.attempts:
@@ -239,26 +249,28 @@ class Progress:
                         "text": text + (f"; holding locks in {self.db.schema}: {sessions_text(holders)}"
                                         if holders else "")}
             return {"text": "between statements"}
-        except psycopg2.Error as exc:
+        except (psycopg2.Error, Unanswered) as exc:
             self.close_monitor()
             return {"text": f"running (PostgreSQL's progress views could not be read: {first_line(str(exc))})"}
+        finally:
+            self.busy = False
 
-    def read(self, query: str, args: tuple) -> dict | None:
-        """One row of a query, from a read-only connection of its own (opened once, on the same server),
-        whose queries end after 5 s."""
+    def read(self, query: str, args: tuple) -> dict:
+        """One row of a query, from a read-only connection of its own to the same server (opened once),
+        answered within ANSWER_WAIT seconds."""
         db = self.db
-        if self.monitor is None or self.monitor.closed:
-            self.monitor = db._connect_once(db.conn.info.dbname, writable=False, on=db.address)
-            self.monitor.cursor().execute(
-                "SELECT set_config('application_name', %s, false), set_config('statement_timeout', '5s', false), "
-                "set_config('lock_timeout', '1s', false), set_config('default_transaction_read_only', 'on', false)",
-                (f"{db.p['application_name']} progress"[:63],))
-        with self.monitor.cursor() as cur:
-            cur.execute(query, args)
-            found = cur.fetchone()
-        if found is None:
-            return None
-        return dict(zip([c.name for c in cur.description], found, strict=True))
+        self.busy = True
+        if self.monitor is None:
+            wait = max(db.p["connect_timeout"], ANSWER_WAIT)
+            self.monitor = db.side_connection(wait)
+            if self.monitor is None or db.ask_aside(self.monitor, MONITOR_SETTINGS, (
+                    f"{db.p['application_name']} progress"[:63],), ANSWER_WAIT) is None:
+                raise Unanswered(f"no connection within {wait} s")
+        row = db.ask_aside(self.monitor, query, args, ANSWER_WAIT)
+        if row is None:
+            raise Unanswered(f"no answer within {ANSWER_WAIT} s (a pool with no free server connection, or a busy "
+                             "server)")
+        return row
 
     def emit(self, unit: Unit, event: dict) -> None:
         self.seq += 1
@@ -290,4 +302,5 @@ class Progress:
                 os.unlink(self.path)
             with contextlib.suppress(OSError):
                 os.close(self.fd)
-        self.close_monitor()
+        if not self.busy:  # else the process's exit closes it
+            self.close_monitor()

@@ -29,6 +29,7 @@ EXPECTED = DEFAULTS["stock_monitoring_db_expected_tables"]  # the role's list, w
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import sshhost
+from pgbouncer import PgBouncer
 from pgcluster import SUPPORTED_MAJORS, Cluster, find_bindir, major_of
 
 # Our module_utils import as ansible.module_utils.<name>, as they do inside a module run.
@@ -123,6 +124,16 @@ def own_cluster(request):
     pg = new_cluster("smdb-test-own-", getattr(request, "param", DEFAULT_MAJOR))
     yield pg
     remove_cluster(pg)
+
+
+@pytest.fixture
+def bouncer(request, cluster):
+    """A real PgBouncer in front of the cluster: request.param is (pool_mode, pool_size[, "ignore options"])."""
+    mode, size, *ignore_options = request.param
+    pool = PgBouncer(cluster, {cluster.user: cluster.password}, pool_mode=mode, pool_size=size,
+                     ignore_options=bool(ignore_options)).start()
+    yield pool
+    pool.stop()
 
 
 class Db:

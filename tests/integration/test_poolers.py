@@ -18,15 +18,6 @@ STATEFUL = {"024_stateful.sql": "CREATE TABLE stock_monitoring.seen AS SELECT cu
                                 "PREPARE p AS SELECT 1;\nCREATE TEMP TABLE scratch (id int);\n"}
 
 
-@pytest.fixture
-def bouncer(request, cluster):
-    mode, size, *ignore_options = request.param
-    pool = PgBouncer(cluster, {cluster.user: cluster.password}, pool_mode=mode, pool_size=size,
-                     ignore_options=bool(ignore_options)).start()
-    yield pool
-    pool.stop()
-
-
 def through(bouncer: PgBouncer, db: Db, **changes) -> str:
     """The backend's .env: POSTGRES_HOST/PORT point at the pooler."""
     return env_text(db, POSTGRES_HOST=bouncer.host, POSTGRES_PORT=str(bouncer.port), **changes)

@@ -8,6 +8,7 @@ import glob
 import json
 import re
 import threading
+import time
 from itertools import pairwise
 
 import pytest
@@ -77,11 +78,7 @@ def test_a_long_index_build_shows_its_phase_and_a_rising_percentage_while_it_run
 def test_a_deploy_waiting_for_a_table_names_the_session_that_holds_it(tmp_path, db, retries):
     db.create()
     assert play(tmp_path, db).rc == 0
-    holder = db.connect(autocommit=False)
-    cur = holder.cursor()
-    cur.execute("SET application_name = 'nightly-report'; SELECT count(*) FROM stock_monitoring.alerts")
-    cur.execute("SELECT pg_backend_pid()")
-    pid = cur.fetchone()[0]
+    holder, pid = hold_alerts(db)
     extra = {"stock_monitoring_db_progress_interval": 1}
     if not retries:
         extra.update(stock_monitoring_db_lock_retries=[], stock_monitoring_db_lock_timeout="60s")
@@ -168,3 +165,59 @@ def test_a_statement_in_a_file_of_several_is_named_by_the_table_the_server_repor
     waits = [m for _, m in progress(live) if "blocked by" in m["text"]]
     assert waits and all(m["where"] == "line 4 (ALTER TABLE stock_monitoring.notifications ADD COLUMN note text)"
                          for m in waits), res.output
+
+
+def hold_alerts(db, app: str = "nightly-report"):
+    """A session that read alerts in a transaction it keeps open: its ACCESS SHARE lock blocks ALTER TABLE."""
+    holder = db.connect(autocommit=False)
+    cur = holder.cursor()
+    cur.execute("SET application_name = %s; SELECT count(*) FROM stock_monitoring.alerts; SELECT pg_backend_pid()",
+                (app,))
+    return holder, cur.fetchone()[0]
+
+
+@pytest.mark.every_major
+def test_the_progress_views_are_read_on_every_supported_major(tmp_path, db):
+    db.create()
+    assert play(tmp_path, db).rc == 0
+    holder, pid = hold_alerts(db)
+    live = deploy(tmp_path, db, ADD_COLUMN, stock_monitoring_db_progress_interval=1,
+                  stock_monitoring_db_lock_retries=[], stock_monitoring_db_lock_timeout="60s")
+    live.wait(rf"waiting for AccessExclusiveLock on stock_monitoring.alerts, blocked by pid {pid} ", 60)
+    holder.rollback()
+    res = live.finish(120)
+    assert res.rc == 0 and "could not be read" not in res.output, res.output
+
+
+@pytest.mark.parametrize("bouncer", [("session", 2)], indirect=True, ids=["session-pool-2"])
+def test_through_a_session_pool_progress_finds_the_deploys_server_session(tmp_path, db, bouncer):
+    """Behind PgBouncer the session's pid on the server is not the one the client was told: the deploy's
+    progress asks about the server's, through the pool's second server connection."""
+    db.create()
+    assert play(tmp_path, db).rc == 0
+    holder, pid = hold_alerts(db)
+    (tmp_path / ".env").write_text(env_text(db, POSTGRES_HOST=bouncer.host, POSTGRES_PORT=str(bouncer.port)))
+    extra = {"stock_monitoring_db_migrations_dir": str(write_migrations(tmp_path / "m", ADD_COLUMN, with_real=True)),
+             "stock_monitoring_db_progress_interval": 1, "stock_monitoring_db_lock_retries": [],
+             "stock_monitoring_db_lock_timeout": "60s"}
+    live = Live(start_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=LOCAL, extra_vars=extra,
+                               env={"STOCK_MONITORING_DB_ENV_FILE": str(tmp_path / ".env")}))
+    live.wait(rf"waiting for AccessExclusiveLock on stock_monitoring.alerts, blocked by pid {pid} ", 60)
+    holder.rollback()
+    res = live.finish(120)
+    assert res.rc == 0 and [r[0] for r in db.history()] == [22, 23, 24], res.output
+
+
+@pytest.mark.parametrize("bouncer", [("session", 1)], indirect=True, ids=["session-pool-1"])
+def test_a_pool_with_no_second_server_connection_says_so_and_the_deploy_goes_on(tmp_path, db, bouncer):
+    db.create()
+    (tmp_path / ".env").write_text(env_text(db, POSTGRES_HOST=bouncer.host, POSTGRES_PORT=str(bouncer.port)))
+    files = {"024_slow.sql": "SELECT pg_sleep(8);\n"}
+    extra = {"stock_monitoring_db_migrations_dir": str(write_migrations(tmp_path / "m", files, with_real=True)),
+             "stock_monitoring_db_progress_interval": 1}
+    began = time.monotonic()
+    live = Live(start_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=LOCAL, extra_vars=extra,
+                               env={"STOCK_MONITORING_DB_ENV_FILE": str(tmp_path / ".env")}))
+    res = live.finish(120)
+    assert res.rc == 0 and [r[0] for r in db.history()] == [22, 23, 24], res.output
+    assert "progress views could not be read: no" in res.output and time.monotonic() - began < 30, res.output
