@@ -38,7 +38,7 @@ from pgcluster import Cluster
 MIGRATIONS = ROOT / "roles" / "stock_monitoring_db" / "files" / "migrations"
 DOC = ROOT / "docs" / "benchmark.md"
 PLOT = ROOT / "docs" / "img" / "busy-table-latency.png"
-SECTIONS = ("small", "plan", "big", "live")  # in the order of docs/benchmark.md
+SECTIONS = ("small", "plan", "progress", "big", "live")  # in the order of docs/benchmark.md
 BIN = Path(sys.executable).parent
 # Actions that run on the controller; every other task result is a module execution on the host.
 CONTROLLER_ONLY = {"ansible.builtin.set_fact", "ansible.builtin.assert", "ansible.builtin.debug",
@@ -549,6 +549,59 @@ def plan_rows(b: Bench, work: Path) -> tuple[bool, list[tuple[str, ...]]]:
     return first_ratio <= 1.1 and noop_ratio <= 1.1 and noop_execs == 1 == first_execs, rows
 
 
+def progress_rows(b: Bench, work: Path) -> tuple[bool, list[tuple[str, ...]]]:
+    """Progress on (the default interval) against off: the first deploy, the no-op, and a statement long
+    enough to be reported on."""
+    book = ROOT / "playbooks" / "deploy-db.yml"
+    local = str(ROOT / "inventory" / "local")
+    off = {"stock_monitoring_db_progress_interval": 0}
+    slow = work / "slow-migrations"
+    slow.mkdir()
+    for path in MIGRATIONS.glob("*.sql"):
+        shutil.copy(path, slow)
+    (slow / "024_slow.sql").write_text("SELECT pg_sleep(12);\n")
+    long_on = {"stock_monitoring_db_migrations_dir": str(slow), "stock_monitoring_db_schema_file": ""}
+
+    def deploy(db: str, extra: dict | None) -> subprocess.CompletedProcess:
+        env = {"STOCK_MONITORING_DB_ENV_FILE": str(b.env_file(db)), "ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"}
+        return b.playbook(book, extra, env=env, inventory=local)
+
+    print("bench: first deploy and no-op deploy-db.yml with progress on (every 5 s) and off (7 runs each, "
+          "alternating), and a 12 s statement (3 runs each)", flush=True)
+    first, first_off, noop, noop_off, long, long_off = [], [], [], [], [], []
+    noop_db, noop_off_db = b.fresh_db(), b.fresh_db()
+    deploy(noop_db, None)
+    deploy(noop_off_db, off)
+    def on_a_new_database(extra: dict | None) -> Callable[[], object]:
+        db = b.fresh_db(create=False)
+        return lambda: deploy(db, extra)
+
+    for _ in range(7):
+        first.append(timed(on_a_new_database(None)))
+        first_off.append(timed(on_a_new_database(off)))
+        noop.append(timed(lambda: deploy(noop_db, None)))
+        noop_off.append(timed(lambda: deploy(noop_off_db, off)))
+    for _ in range(3):
+        long.append(timed(on_a_new_database(long_on)))
+        long_off.append(timed(on_a_new_database({**long_on, **off})))
+    reported = deploy(b.fresh_db(create=False), long_on)
+    tasks = json.loads(reported.stdout[reported.stdout.index("{"):])["plays"][0]["tasks"]
+    (host,) = next(t for t in tasks if "Create the database" in t["task"]["name"])["hosts"].values()
+    events = sum(len(statement["events"]) for statement in host.get("progress", []))
+    ratios = [statistics.median(a) / statistics.median(o) for a, o in ((first, first_off), (noop, noop_off),
+                                                                        (long, long_off))]
+    execs = (module_executions(deploy(noop_db, None)), module_executions(reported))
+    rows = [("first deploy, progress on", f"{statistics.median(first):.2f} s",
+             f"{statistics.median(first_off):.2f} s (off)", target(ratios[0], 1.05)),
+            ("no-op deploy, progress on", f"{statistics.median(noop):.2f} s", f"{statistics.median(noop_off):.2f} s (off)",
+             target(ratios[1], 1.05)),
+            ("a deploy with a 12 s statement, progress on", f"{statistics.median(long):.2f} s",
+             f"{statistics.median(long_off):.2f} s (off)", target(ratios[2], 1.05) + f", {events} events reported"),
+            ("module executions per host, progress on", f"{execs[0]} no-op, {execs[1]} with the 12 s statement",
+             "1 (off)", "target 1" if execs == (1, 1) else "target 1, not met")]
+    return all(r <= 1.05 for r in ratios) and execs == (1, 1), rows
+
+
 MEASURE_HEADER = ("measure", "this project", "reference (same run)", "ratio")
 LIVE_HEADER = ("deploy", "outcome", "app p50 / p99 / max during the deploy", "baseline p50 / p99 / max",
                "p99 vs baseline")
@@ -566,8 +619,9 @@ ratio is against its reference measured in the same run, the two often alternati
 the figures to compare, since on a shared machine the seconds drift from one run to the next.
 
 `make bench BENCH=small` runs the small-file and no-op rows, `BENCH=plan` deploying a reviewed plan,
-`BENCH=big` the two 50 MB files (the longest, about a quarter of an hour), `BENCH=live` the deploy on
-a busy table; `make bench` alone runs all four. A run rewrites only the sections it measured and
+`BENCH=progress` deploys with progress on and off, `BENCH=big` the two 50 MB files (the longest, about
+a quarter of an hour), `BENCH=live` the deploy on a busy table; `make bench` alone runs all five. A run
+rewrites only the sections it measured and
 keeps the others; each section says when, and on what machine, it was measured.
 
 {last_run}
@@ -610,6 +664,16 @@ Each deploy of a plan is timed against a deploy without one, alternating, on a d
 (the plan made beforehand, untimed). Applying a plan adds no module execution: `pg_migrate` reads the
 database's identity and the managed schema's fingerprint under the migration lock, in the same
 execution, and the controller reads the plan file.
+
+## Progress while a long migration runs (`BENCH=progress`)
+
+{progress}
+
+Each deploy with progress on (the default, every 5 s) is timed against the same deploy with
+`stock_monitoring_db_progress_interval: 0`, alternating, on a database of its own. Nothing of progress
+runs for a statement shorter than the interval; during the 12 s statement the module asks PostgreSQL
+once every 5 s on a second connection, and the action plugin reads the host's progress file about as
+often.
 
 ## Big files (`BENCH=big`)
 
@@ -705,6 +769,9 @@ def main() -> None:
         if "plan" in parts:
             met, rows = plan_rows(b, work)
             tables["plan"] = (MEASURE_HEADER, rows, met)
+        if "progress" in parts:
+            met, rows = progress_rows(b, work)
+            tables["progress"] = (MEASURE_HEADER, rows, met)
         if "live" in parts:
             met, rows, runs = live_rows(b)
             tables["live"] = (LIVE_HEADER, rows, met)
