@@ -28,19 +28,21 @@ at about 0.5 s per MB.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import copy
 import hashlib
 import json
 import os
 import re
 import secrets
+import shlex
 import threading
 from collections.abc import Callable
 
 from ansible import constants as C
 from ansible.errors import AnsibleActionFail
+from ansible.module_utils.parsing.convert_bool import boolean
 from ansible.plugins.action import ActionBase
+from ansible.utils.collection_loader import resource_from_fqcr
 from ansible.utils.display import Display
 
 try:
@@ -268,15 +270,22 @@ def run_once(stmt: str) -> str | None:
 
 
 # Progress: the module appends an event as a JSON line to ${TMPDIR:-/tmp}/pg_migrate-progress-TOKEN.jsonl on
-# the host while a statement runs longer than progress_interval (see module_utils/pg_migrate_progress.py).
-# This command waits there, up to about `ticks` fifths of a second, for the file to grow past `offset`
-# bytes, then prints what was added; "gone" once the file, seen before, was removed (the module ended).
-# A file of that name that another user owns is not read (the module never writes to one: O_EXCL).
+# the host while a statement runs longer than progress_interval (see module_utils/pg_migrate_progress.py);
+# it makes the file when its first migration starts, and removes it when it ends. This command waits on
+# the host, up to `ticks` fifths of a second, until the file is there ("here", then what it holds) or has
+# grown past `offset` bytes (what was added), and says "gone" once the file it saw is removed. It reads
+# only a file that is not a link and is its user's (the module never writes to another's: O_EXCL).
 POLL = ('f="${{TMPDIR:-/tmp}}/pg_migrate-progress-{token}.jsonl"; t=0; while :; do '
-        'if [ -f "$f" ] && [ -O "$f" ]; then [ "$(wc -c < "$f")" -gt {offset} ] && break; '
+        'if [ -f "$f" ] && [ ! -h "$f" ] && [ -O "$f" ]; then '
+        '[ {seen} = 0 ] && {{ echo here; break; }}; [ "$(wc -c < "$f")" -gt {offset} ] && break; '
         'elif [ {seen} = 1 ]; then echo gone; exit 0; fi; '
         '[ $t -ge {ticks} ] && exit 0; sleep 0.2 2>/dev/null || sleep 1; t=$((t+1)); done; '
         'tail -c +{start} "$f"')
+# Before the file is there (connecting, waiting for the migration lock), one poll waits this long.
+FIRST_WAIT = 30
+# Connections whose commands may run beside the module's (checked for ansible-core 2.19): others get the
+# events in the result only.
+LIVE_CONNECTIONS = {"local", "ssh", "paramiko_ssh", "docker"}
 # The first words of a statement shown in a progress line.
 SHOWN_SQL = 72
 # The statements a progress view's command comes from, by their first words (upper case); an index also
@@ -285,6 +294,10 @@ COMMAND_WORDS = {"CREATE INDEX": ("CREATE", "ALTER"), "CREATE INDEX CONCURRENTLY
                  "REINDEX": ("REINDEX",), "REINDEX CONCURRENTLY": ("REINDEX",), "CLUSTER": ("CLUSTER",),
                  "VACUUM FULL": ("VACUUM",), "VACUUM": ("VACUUM",), "ANALYZE": ("VACUUM", "ANALYZE")}
 INDEX_CONSTRAINTS = {"primary", "unique", "exclude"}
+# Statements that may do anything, on any table (code, or an index whose table they do not name): they fit
+# every event, so that a guess is never shown as the statement.
+ANYTHING = {"DO", "CALL", "SELECT", "EXECUTE"}
+UNNAMED_TABLE = (["DROP", "INDEX"], ["ALTER", "INDEX"], ["REINDEX", "INDEX"], ["COMMENT", "ON"])
 
 
 def shown_sql(stmt: str) -> str:
@@ -308,13 +321,21 @@ def statement_words(stmt: str) -> tuple[list[str], set[str]]:
     return [text.upper() for text in texts[:4]], names
 
 
-def fits_command(command: str | None, words: list[str], names: set[str]) -> bool:
-    """Whether a statement can be what a progress view reports; any statement, for a lock wait (no command)."""
-    if command is None:
-        return True
+def fits(event: dict, table: str, words: list[str], names: set[str]) -> bool:
+    """Whether a statement can be the one an event is about: a progress view's command on that table, or
+    for a lock wait any statement on it; a statement that may do anything always can."""
     first = words[0] if words else ""
+    if first in ANYTHING or (event.get("waiting_for") and words[:2] in UNNAMED_TABLE):
+        return True
+    if table not in names:
+        return False
+    command = event.get("command")
+    if command is None:
+        return bool(event.get("waiting_for"))
     if first == "ALTER":
         return command == "CREATE INDEX" and bool(INDEX_CONSTRAINTS & names)
+    if first == "CREATE" and "INDEX" not in words:
+        return False
     return first in COMMAND_WORDS.get(command, ())
 
 
@@ -334,18 +355,13 @@ def where_running(text: str, finding: dict, event: dict) -> dict:
     if len(slices) == 1:
         return {"line": lines.at(slices[0].start), "sql": shown_sql(text[slices[0]])}
     relation = event.get("relation") or (event.get("waiting_for") or {}).get("relation")
-    fits = []
-    if relation:
+    found = []
+    if relation and not relation.isdigit():  # a table of this transaction has no name to find
         table = relation.rsplit(".", 1)[-1].strip('"').lower()
-        for piece in slices:
-            words, names = statement_words(text[piece])
-            if table in names and fits_command(event.get("command"), words, names):
-                fits.append(piece)
-    if len(fits) == 1:
-        return {"line": lines.at(fits[0].start), "sql": shown_sql(text[fits[0]])}
-    shown = fits or slices
-    at = [lines.at(piece.start) for piece in shown]
-    return {"line": None, "lines": at, "sql": None}
+        found = [piece for piece in slices if fits(event, table, *statement_words(text[piece]))]
+    if len(found) == 1:
+        return {"line": lines.at(found[0].start), "sql": shown_sql(text[found[0]])}
+    return {"line": None, "lines": [lines.at(piece.start) for piece in found or slices], "sql": None}
 
 
 def progress_line(host: str, event: dict) -> str:
@@ -374,7 +390,8 @@ class ProgressReader(threading.Thread):
     (over SSH, a new channel of the same connection), and shows each event with Ansible's display.
 
     It works on a copy of the connection and of its become plugin, which keep per-command state, so that
-    the module's own command is never disturbed."""
+    the module's own command is never disturbed. Whatever goes wrong here, the task's result is the
+    module's: the reader stops, and says why once."""
 
     def __init__(self, action: ActionBase, host: str, interval: int, token: str,
                  where: Callable[[dict], dict]) -> None:
@@ -383,56 +400,70 @@ class ProgressReader(threading.Thread):
         self.action._connection = copy.copy(action._connection)
         if self.action._connection.become is not None:
             self.action._connection.become = copy.copy(self.action._connection.become)
+        self.environment = action._compute_environment_string()  # the module's TMPDIR, when the task sets one
         self.host, self.interval, self.token, self.where = host, interval, token, where
         self.stopped = threading.Event()
         self.shown: set[int] = set()
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the shown events, and the terminal: the finish prints the rest in order
+        self.finishing = False
         self.seen = False
 
     def run(self) -> None:
+        try:
+            self.read()
+        except Exception as exc:  # the module's result is what counts: say once that the lines stop here
+            display.warning(f"pg_migrate: the progress of {self.host} is not shown live from here on "
+                            f"({type(exc).__name__}: {exc}); the JSON report keeps it")
+
+    def read(self) -> None:
         if self.stopped.wait(self.interval):
             return
         offset = 0
         while not self.stopped.is_set():
-            try:
-                out = self.action._low_level_execute_command(POLL.format(
-                    token=self.token, offset=offset, start=offset + 1, seen=int(self.seen),
-                    ticks=self.interval * 5))["stdout"]
-            except Exception as exc:  # the connection's trouble is the module's to report; stop showing
-                display.vvv(f"pg_migrate: progress not read from {self.host}: {exc}")
+            command = POLL.format(token=self.token, offset=offset, start=offset + 1, seen=int(self.seen),
+                                  ticks=(self.interval if self.seen else FIRST_WAIT) * 5)
+            if self.environment:
+                command = f"{self.environment} /bin/sh -c {shlex.quote(command)}"
+            out = self.action._low_level_execute_command(command)["stdout"]
+            # Over SSH with a terminal, line ends come as \r\n; a line being written is read next time.
+            lines = out[:out.rfind("\n") + 1].replace("\r\n", "\n").splitlines()
+            if lines[:1] == ["gone"]:
                 return
-            if out.strip() == "gone":
-                return
-            # A line being written is read next time. Over SSH with a terminal, line ends come as \r\n.
-            complete = out[:out.rfind("\n") + 1].replace("\r\n", "\n").splitlines()
-            offset += sum(len(line.encode()) + 1 for line in complete)
-            self.seen = self.seen or bool(complete)
-            for line in complete:
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    self.show(json.loads(line))
+            if lines[:1] == ["here"]:
+                self.seen, lines = True, lines[1:]
+            offset += sum(len(line.encode()) + 1 for line in lines)
+            for line in lines:
+                self.show(json.loads(line))
 
     def show(self, event: dict) -> None:
         with self.lock:
-            if event["seq"] in self.shown:
+            if self.finishing or event["seq"] in self.shown:
                 return
             self.shown.add(event["seq"])
-        event.update(self.where(event))
-        display.display(progress_line(self.host, event), color=C.COLOR_VERBOSE)
+            display.display(progress_line(self.host, {**event, **self.where(event)}), color=C.COLOR_VERBOSE)
 
     def finish(self, result: dict) -> None:
-        """After the module: stop reading (waiting briefly for a read under way, when there is a file to
-        finish), show the events that were not shown live, and add line and first words to the result's."""
+        """After the module: stop reading (waiting briefly for a read under way, once the file was there),
+        print in order the events not shown live, and add to each event and statement of the result the
+        line and first words of its statement."""
         self.stopped.set()
         if self.seen:
             self.join(2)
-        for statement in result.get("progress") or []:
-            if not isinstance(statement, dict) or not isinstance(statement.get("events"), list):
-                continue
-            for event in statement["events"]:
-                with contextlib.suppress(KeyError, TypeError):
-                    self.show(event)
-            with contextlib.suppress(KeyError, TypeError, IndexError):
-                statement.update(self.where(statement))
+        with self.lock:
+            self.finishing = True
+            try:
+                statements = [s for s in result.get("progress") or [] if isinstance(s, dict)]
+                for statement in statements:
+                    for event in statement.get("events", []):
+                        event.update(self.where(event))
+                        if event["seq"] not in self.shown:
+                            display.display(progress_line(self.host, event), color=C.COLOR_VERBOSE)
+                    # The statement is the one its events named, when they named one.
+                    located = [e for e in statement["events"] if e.get("line") is not None]
+                    statement.update({k: v for k, v in (located[-1] if located else self.where(statement)).items()
+                                      if k in ("line", "lines", "sql")})
+            except Exception as exc:  # never the reason a deploy fails: the result stays the module's
+                display.warning(f"pg_migrate: the progress of {self.host} could not be read back ({exc})")
 
 
 INTERNAL_OPTIONS = ("_findings", "_migrations_path", "_migrations_sha256", "_controller_pid", "_progress_token")
@@ -480,12 +511,16 @@ class ActionModule(ActionBase):
         return result
 
     def progress_reader(self, args: dict, findings: dict, migrations: dict, task_vars: dict) -> ProgressReader | None:
-        """Started before the module, when progress_interval asks for it (the module refuses a bad value)."""
+        """Started before a deploy, when progress_interval asks for it (the module refuses a bad value). A plan,
+        a verify and a drop run no migration; a task with no_log shows nothing; a connection not checked
+        here gets the events in the result only."""
         try:
             interval = int(args.get("progress_interval", 5))
         except (TypeError, ValueError):
             return None
-        if interval <= 0:
+        if interval <= 0 or self._play_context.check_mode or self._task.no_log or any(
+                boolean(args.get(key, False), strict=False) for key in ("verify", "drop_schema", "plan_out")) or \
+                resource_from_fqcr(self._connection.transport) not in LIVE_CONNECTIONS:
             return None
         args["_progress_token"] = secrets.token_hex(16)
 

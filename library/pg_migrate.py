@@ -616,12 +616,12 @@ ARGUMENT_SPEC = {
     # Set by the action plugin on the controller, never by a task (it drops them from the task's arguments):
     # what the SQL parser found in each file; the file the migrations travel in when large, and its SHA-256;
     # on a local connection, the ansible-playbook worker the watchdog watches (see pg_migrate_watchdog); the
-# name of the progress file it reads while the module runs (see pg_migrate_progress).
+    # name of the progress file it reads while the module runs (see pg_migrate_progress).
     "_findings": {"type": "dict"},
     "_migrations_path": {"type": "str"},
     "_migrations_sha256": {"type": "str"},
     "_controller_pid": {"type": "int"},
-    "_progress_token": {"type": "str", "no_log": True},  # whoever knew it could plant the file the plugin reads
+    "_progress_token": {"type": "str", "no_log": True},  # not shown: the file it names is for the plugin alone
 }
 PG_MAX_MILLISECONDS = 2147483647  # lock_timeout and statement_timeout are int milliseconds
 

@@ -42,7 +42,7 @@ def apply(db: Database, mig: Migration, schedule: list[Attempt], first_file: boo
     ok = False
     try:
         applied = with_lock_retries(schedule, lambda attempt, step, last: apply_once(
-            db, mig, schedule, first_file, adopting, began, attempt, step, last))
+            db, mig, schedule, first_file, adopting, began, attempt, step, last), db.progress.pause)
         ok = True
         return applied
     finally:
@@ -128,7 +128,8 @@ def run_statements(db: Database, mig: Migration, schedule: list[Attempt]) -> int
         ok = False
         try:
             index, used = with_lock_retries(
-                steps, lambda attempt, step, last, first=first: run_unit(db, mig, first, attempt, step, last))
+                steps, lambda attempt, step, last, first=first: run_unit(db, mig, first, attempt, step, last),
+                db.progress.pause)
             ok = True
         finally:
             db.progress.end(ok)

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 
 from ansible.module_utils.pg_migrate_plan import MigrationError, first_line, option
-from ansible.module_utils.pg_migrate_progress import Progress
+from ansible.module_utils.pg_migrate_progress import Progress, progress_file
 
 try:
     import psycopg2
@@ -164,7 +164,7 @@ class Database:
         self.guards: dict[str, str | None] = dict(GUARDS)  # None: the server refused it (see connect)
         # What a long statement is doing, every progress_interval seconds (0: never); the action plugin
         # names the file it reads by a token of its own.
-        self.progress = Progress(self, params.get("progress_interval") or 0, params.get("_progress_token"))
+        self.progress = Progress(self, params.get("progress_interval") or 0, progress_file(params.get("_progress_token")))
         self.libpq = psycopg2.extensions.libpq_version()
         self.auth_settings = self.libpq_auth_settings()
 
@@ -194,7 +194,7 @@ class Database:
         return settings
 
     def _connect_once(self, dbname: str, writable: bool = True, on: tuple[str, int] | None = None,
-                      async_: bool = False) -> psycopg2.extensions.connection:
+                      async_: bool = False, application_name: str | None = None) -> psycopg2.extensions.connection:
         """A server that takes writes: with several hosts in login_host (libpq's multi-host form, as HA
         setups use), the primary; `on` one host and port of them. Verify falls back to any server (see connect).
 
@@ -203,7 +203,7 @@ class Database:
         it and drops it is found by settle, which then sets them by SQL."""
         kwargs = {"host": self.p["login_host"], "port": self.p["login_port"], "user": self.p["login_user"],
                   "dbname": dbname, "connect_timeout": self.p["connect_timeout"], "sslmode": self.p["ssl_mode"],
-                  "application_name": self.p["application_name"],
+                  "application_name": application_name or self.p["application_name"],
                   "target_session_attrs": "read-write" if writable else "any"}
         kwargs.update(CLIENT_KEEPALIVES)
         if self.libpq >= 120000:
@@ -344,11 +344,12 @@ class Database:
             with contextlib.suppress(OSError):
                 socket.socket(fileno=os.dup(conn.fileno())).shutdown(socket.SHUT_RDWR)
 
-    def side_connection(self, wait: float) -> psycopg2.extensions.connection | None:
+    def side_connection(self, wait: float, application_name: str) -> psycopg2.extensions.connection | None:
         """A second connection to the server of ours, for a question on the side (progress), or None when it
         is not made within `wait` seconds. Asynchronous, so that a pool with no free server connection or a
         hung server cannot hold the asking thread."""
-        conn = self._connect_once(self.conn.info.dbname, writable=False, on=self.address, async_=True)
+        conn = self._connect_once(self.conn.info.dbname, writable=False, on=self.address, async_=True,
+                                  application_name=application_name)
         if wait_ready(conn, time.monotonic() + wait):
             return conn
         conn.close()

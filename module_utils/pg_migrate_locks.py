@@ -19,13 +19,16 @@ class LockRace(Exception):
     """An attempt lost a race for a lock (lock_timeout, deadlock victim) and left nothing: try again."""
 
 
-def with_lock_retries(schedule: list[Attempt], attempt_once: Callable[[int, Attempt, bool], T]) -> T:
+def with_lock_retries(schedule: list[Attempt], attempt_once: Callable[[int, Attempt, bool], T],
+                      pausing: Callable[[], None]) -> T:
     """attempt_once(attempt, step, last) for each step of the schedule until it returns; it raises LockRace,
-    when it lost a lock race and this was not the last attempt, for another one after the step's pause."""
+    when it lost a lock race and this was not the last attempt, for another one after the step's pause
+    (`pausing` says when it starts)."""
     for attempt, step in enumerate(schedule, 1):
         try:
             return attempt_once(attempt, step, attempt == len(schedule))
         except LockRace:
+            pausing()
             time.sleep(step.pause)
     raise AssertionError("the last attempt never raises LockRace")
 

@@ -35,7 +35,8 @@ except ImportError:  # pg_migrate reports it through missing_required_lib
     psycopg2 = None
 
 # One round trip per event. The progress views are read whole (to_jsonb), so that a column a major
-# renamed or added does no harm; pg_blocking_pids runs once (in FROM), and only while the session waits.
+# renamed or added does no harm; pg_locks and pg_blocking_pids (which take the lock manager's partitions)
+# run only while the session waits for a lock, pg_blocking_pids once (in FROM).
 ACTIVITY = """
 SELECT a.wait_event_type, a.wait_event,
   (SELECT to_jsonb(p) || jsonb_build_object('relation', p.relid::regclass::text)
@@ -47,7 +48,7 @@ SELECT a.wait_event_type, a.wait_event,
   (SELECT to_jsonb(p) || jsonb_build_object('relation', p.relid::regclass::text)
      FROM pg_stat_progress_analyze p WHERE p.pid = a.pid) AS analyze,
   (SELECT jsonb_build_object('locktype', l.locktype, 'mode', l.mode, 'relation', l.relation::regclass::text)
-     FROM pg_locks l WHERE l.pid = a.pid AND NOT l.granted LIMIT 1) AS waiting,
+     FROM pg_locks l WHERE a.wait_event_type = 'Lock' AND l.pid = a.pid AND NOT l.granted LIMIT 1) AS waiting,
   (SELECT jsonb_agg(jsonb_build_object('pid', b.pid, 'application_name', b.application_name, 'user', b.usename,
                                        'state', b.state,
                                        'transaction_open_s', round(extract(epoch FROM now() - b.xact_start)))
@@ -70,20 +71,24 @@ SELECT jsonb_agg(h ORDER BY h.transaction_open_s DESC NULLS LAST, h.pid) FROM (
      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
    ORDER BY a.pid, l.mode) h
 """
-# The progress connection's settings: named, read only, and never waiting long.
-MONITOR_SETTINGS = ("SELECT set_config('application_name', %s, false), set_config('statement_timeout', '5s', false), "
-                    "set_config('lock_timeout', '1s', false), set_config('default_transaction_read_only', 'on', false)")
+# Before each progress query, in the same transaction: read only, and never waiting long.
+ONE_QUERY = "SET TRANSACTION READ ONLY; SET LOCAL statement_timeout = '5s'; SET LOCAL lock_timeout = '1s'; "
 # Seconds an answer to a progress query may take.
 ANSWER_WAIT = 5
+# Events a statement keeps in the result (an hour at 5 s): the first ones, then the latest.
+MAX_EVENTS, KEPT_FIRST = 720, 60
 # Sessions named in one line, at most.
 SHOWN_SESSIONS = 5
 # The unit of a phase's progress: (phase words, done column, total column, unit).
 CREATE_INDEX_UNITS = (("loading tuples", "tuples_done", "tuples_total", "tuples"),
                       ("scanning", "blocks_done", "blocks_total", "blocks"),
-                      ("waiting for", "lockers_done", "lockers_total", "older transactions"))
+                      ("waiting for", "lockers_done", "lockers_total", "older transactions"),
+                      # GIN, GiST, hash and BRIN builds name no sub-phase, and count blocks
+                      ("building index", "blocks_done", "blocks_total", "blocks", "whole"))
 CLUSTER_UNITS = (("seq scanning heap", "heap_blks_scanned", "heap_blks_total", "blocks"),)
 VACUUM_UNITS = (("scanning heap", "heap_blks_scanned", "heap_blks_total", "blocks"),
-                ("vacuuming heap", "heap_blks_vacuumed", "heap_blks_total", "blocks"))
+                ("vacuuming heap", "heap_blks_vacuumed", "heap_blks_total", "blocks"),
+                ("vacuuming indexes", "indexes_processed", "indexes_total", "indexes"))  # 17 and later
 ANALYZE_UNITS = (("acquiring sample rows", "sample_blks_scanned", "sample_blks_total", "blocks"),
                  ("acquiring inherited sample rows", "child_tables_done", "child_tables_total", "child tables"),
                  ("computing extended statistics", "ext_stats_computed", "ext_stats_total", "statistics"))
@@ -102,15 +107,24 @@ def blocker_text(b: dict) -> str:
 
 
 def sessions_text(sessions: list[dict]) -> str:
+    """The first SHOWN_SESSIONS sessions, and how many more."""
     more = len(sessions) - SHOWN_SESSIONS
     return "; ".join(blocker_text(b) for b in sessions[:SHOWN_SESSIONS]) + (f"; and {more} more" if more > 0 else "")
 
 
-def measured(view: dict, units: tuple) -> dict:
-    """The phase's done, total and percentage, where the view counts it."""
+def relation_text(relation: str | None) -> str:
+    """A table's name; one created by a transaction not committed yet has none another session can read."""
+    if relation and relation.isdigit():
+        return f"a table created in this transaction (oid {relation})"
+    return relation or "?"
+
+
+def measured(view: dict, units: tuple[tuple[str, ...], ...]) -> dict:
+    """The phase's done, total and percentage, where the view counts it (a unit marked "whole" only for a
+    phase of exactly those words)."""
     phase = view.get("phase") or ""
-    for words, done, total, unit in units:
-        if words in phase and (view.get(total) or 0) > 0:
+    for words, done, total, unit, *whole in units:
+        if (phase == words if whole else words in phase) and (view.get(total) or 0) > 0:
             return {"done": view.get(done) or 0, "total": view[total], "unit": unit,
                     "percent": round(100 * (view.get(done) or 0) / view[total], 1)}
     return {}
@@ -127,7 +141,7 @@ def describe(row: dict) -> dict:
         command = view.get("command") or name.upper()
         facts = {"view": f"pg_stat_progress_{name}", "command": command, "relation": view.get("relation"),
                  "phase": view.get("phase"), **measured(view, units)}
-        text = f"{command} on {facts['relation']}: {facts['phase']}"
+        text = f"{command} on {relation_text(facts['relation'])}: {facts['phase']}"
         if "percent" in facts:
             text += f", {facts['percent']:g}% ({facts['done']:,} of {facts['total']:,} {facts['unit']})"
         if name == "cluster" and not facts.get("total") and view.get("heap_tuples_written"):
@@ -141,7 +155,7 @@ def describe(row: dict) -> dict:
     waiting = row.get("waiting")
     if waiting and row.get("wait_event_type") == "Lock":
         if waiting.get("locktype") == "relation":
-            what = f"{waiting['mode']} on {waiting['relation']}"
+            what = f"{waiting['mode']} on {relation_text(waiting['relation'])}"
         else:
             what = LOCK_NAMES.get(waiting.get("locktype"), f"a {waiting.get('locktype')} lock")
         blockers = row.get("blockers") or []
@@ -154,46 +168,56 @@ def describe(row: dict) -> dict:
     return {"wait_event": None, "text": "running (on CPU, no wait event)"}
 
 
+def progress_file(token: str | None) -> str | None:
+    """The file the action plugin reads, named by its token: in ${TMPDIR:-/tmp}, as its command spells it."""
+    return os.path.join(os.environ.get("TMPDIR") or "/tmp", f"pg_migrate-progress-{token}.jsonl") if token else None
+
+
 class Unanswered(Exception):
     """The progress connection got no answer in time."""
 
 
 class Unit:
-    """A statement (or a whole transactional file) being run, with its lock retries."""
+    """A statement (or a whole transactional file, or a block of a no-transaction file) being run, with
+    its lock retries. `statement` is the one running now; `first` names the unit in the result."""
 
-    def __init__(self, migration: str, statement: int | None, attempts: int) -> None:
-        self.migration, self.statement, self.attempts = migration, statement, attempts
+    def __init__(self, migration: str, statement: int | None, attempts: int, due: float) -> None:
+        self.migration, self.first, self.statement, self.attempts = migration, statement, statement, attempts
         self.attempt = 1
+        self.pausing = False  # between two attempts under lock retries
         self.started = time.monotonic()
-        self.next_due = 0.0
+        self.next_due = self.started + due
         self.events: list[dict] = []
+        self.dropped = 0  # events left out of the result (see MAX_EVENTS)
 
 
 class Progress:
-    """The events of one run. `begin`, `attempt` and `end` come from the main thread (pg_migrate_apply),
-    `sample` from a thread of its own, started on the first statement."""
+    """The events of one run. `begin`, `at`, `pause` and `end` come from the main thread (pg_migrate_apply),
+    the samples from a thread of its own, started on the first statement, which alone uses the progress
+    connection."""
 
-    def __init__(self, db: Database, interval: int, token: str | None) -> None:
-        self.db, self.interval = db, interval
-        # The path the action plugin reads: ${TMPDIR:-/tmp}, as its shell command spells it.
-        self.path = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"pg_migrate-progress-{token}.jsonl") \
-            if token else None
+    def __init__(self, db: Database, interval: int, path: str | None) -> None:
+        self.db, self.interval, self.path = db, interval, path
         self.fd: int | None = None
-        self.lock = threading.Lock()
+        self.closed = False
+        self.lock = threading.Lock()  # the unit, the events and the file
         self.unit: Unit | None = None
-        self.statements: list[dict] = []  # the units that ran longer than the interval, for the result
+        self.statements: list[dict] = []  # the units that ran the interval or longer, for the result
         self.seq = 0
-        self.monitor = None
-        self.busy = False  # a progress query is in flight (its connection is not closed under it)
+        self.monitor: psycopg2.extensions.connection | None = None
         self.thread: threading.Thread | None = None
 
     def begin(self, migration: str, statement: int | None, attempts: int) -> None:
         if not self.interval:
             return
-        unit = Unit(migration, statement, attempts)
-        unit.next_due = unit.started + self.interval
         with self.lock:
-            self.unit = unit
+            self.unit = Unit(migration, statement, attempts, self.interval)
+            if self.path and self.fd is None and not self.closed:
+                with contextlib.suppress(OSError):  # no live lines then; the result keeps the events
+                    # Private, and never another's file of that name (O_EXCL, no symlink followed). Made when
+                    # the first migration starts, so that the action plugin knows its polls will end.
+                    self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW,
+                                      0o600)
         if self.thread is None:
             self.thread = threading.Thread(target=self.run, name="pg_migrate-progress", daemon=True)
             self.thread.start()
@@ -203,87 +227,98 @@ class Progress:
         unit = self.unit
         if unit is not None:
             unit.statement = unit.statement if statement is None else statement
-            unit.attempt = unit.attempt if attempt is None else attempt
+            if attempt is not None:
+                unit.attempt, unit.pausing = attempt, False
+
+    def pause(self) -> None:
+        """An attempt lost a race for a lock; the next one starts after the schedule's pause."""
+        unit = self.unit
+        if unit is not None:
+            unit.pausing = True
 
     def end(self, ok: bool) -> None:
-        """The unit ended; when it was reported on, its duration closes its events."""
+        """The unit ended: one that ran the interval or longer goes into the result, its duration closing
+        its events."""
         with self.lock:
             unit, self.unit = self.unit, None
-        if unit is None or not unit.events:
-            return
-        duration = time.monotonic() - unit.started
-        with self.lock:
+            if unit is None:
+                return
+            duration = time.monotonic() - unit.started
+            if duration < self.interval and not unit.events:
+                return
+            unit.statement = unit.first
             self.emit(unit, {"finished": True, "ok": ok, "elapsed_s": round(duration, 1),
                              "text": f"{'finished' if ok else 'failed'} after {duration:.1f} s"})
-        self.statements.append({"migration": unit.migration, "statement": unit.statement,
-                                "duration_ms": round(duration * 1000, 3), "ok": ok, "events": unit.events})
+            self.statements.append({"migration": unit.migration, "statement": unit.first,
+                                    "duration_ms": round(duration * 1000, 3), "ok": ok, "events": unit.events,
+                                    **({"events_left_out": unit.dropped} if unit.dropped else {})})
 
     def run(self) -> None:
         while True:
             time.sleep(0.25)
             unit = self.unit
-            if unit is None or time.monotonic() < unit.next_due:
+            if unit is None:
+                self.close_monitor()  # a pool's second server connection is not kept between statements
                 continue
             now = time.monotonic()
+            if now < unit.next_due:
+                continue
             unit.next_due = now + self.interval
-            event = self.sample(unit)
+            try:
+                event = self.sample(unit)
+            except Exception as exc:  # progress never stops a deploy: say so and go on
+                self.close_monitor()
+                event = {"text": f"running (no progress from PostgreSQL: {type(exc).__name__}: {first_line(str(exc))})"}
             with self.lock:
                 if self.unit is unit:  # not ended meanwhile
                     event["elapsed_s"] = round(now - unit.started, 1)
                     self.emit(unit, event)
 
     def sample(self, unit: Unit) -> dict:
-        conn = self.db.conn
-        running = conn is not None and getattr(conn, "running_since", None) is not None
+        if unit.pausing and unit.attempt < unit.attempts:
+            holders = self.read(HOLDERS, (self.db.server_pid, self.db.schema))["jsonb_agg"] or []
+            text = f"did not get its locks within the attempt's lock_timeout, pausing before attempt {unit.attempt + 1}"
+            return {"holders": holders,
+                    "text": text + (f"; holding locks in {self.db.schema}: {sessions_text(holders)}" if holders else "")}
         try:
-            if running:
-                row = self.read(ACTIVITY, (self.db.server_pid,))
-                if not row:
-                    return {"text": "running (the session is not in pg_stat_activity)"}
-                return describe(row)
-            if unit.attempts > 1 and unit.attempt < unit.attempts:
-                holders = self.read(HOLDERS, (self.db.server_pid, self.db.schema))["jsonb_agg"] or []
-                text = (f"did not get its locks within the attempt's lock_timeout, pausing before attempt "
-                        f"{unit.attempt + 1}")
-                return {"holders": holders,
-                        "text": text + (f"; holding locks in {self.db.schema}: {sessions_text(holders)}"
-                                        if holders else "")}
-            return {"text": "between statements"}
+            row = self.read(ACTIVITY, (self.db.server_pid,))
         except (psycopg2.Error, Unanswered) as exc:
             self.close_monitor()
             return {"text": f"running (PostgreSQL's progress views could not be read: {first_line(str(exc))})"}
-        finally:
-            self.busy = False
+        if not row:
+            return {"text": "running (the session is not in pg_stat_activity)"}
+        return describe(row)
 
     def read(self, query: str, args: tuple) -> dict:
-        """One row of a query, from a read-only connection of its own to the same server (opened once),
-        answered within ANSWER_WAIT seconds."""
+        """One row of a query on a connection of its own to the same server (opened once per long statement),
+        answered within ANSWER_WAIT seconds. Each query is read only and under short timeouts of its own
+        transaction: nothing is left on the session, which a pooler may hand to the application next."""
         db = self.db
-        self.busy = True
         if self.monitor is None:
             wait = max(db.p["connect_timeout"], ANSWER_WAIT)
-            self.monitor = db.side_connection(wait)
-            if self.monitor is None or db.ask_aside(self.monitor, MONITOR_SETTINGS, (
-                    f"{db.p['application_name']} progress"[:63],), ANSWER_WAIT) is None:
+            self.monitor = db.side_connection(wait, f"{db.p['application_name']} progress"[:63])
+            if self.monitor is None:
                 raise Unanswered(f"no connection within {wait} s")
-        row = db.ask_aside(self.monitor, query, args, ANSWER_WAIT)
+        row = db.ask_aside(self.monitor, ONE_QUERY + query, args, ANSWER_WAIT)
         if row is None:
-            raise Unanswered(f"no answer within {ANSWER_WAIT} s (a pool with no free server connection, or a busy "
-                             "server)")
+            raise Unanswered(f"connected, but no answer within {ANSWER_WAIT} s (a pool with no free server "
+                             "connection, or a busy server)")
         return row
 
     def emit(self, unit: Unit, event: dict) -> None:
+        """Keep an event and append it to the file (with self.lock held)."""
+        if self.closed:
+            return
         self.seq += 1
         event = {"seq": self.seq, "migration": unit.migration, "statement": unit.statement,
                  "attempt": unit.attempt, "attempts": unit.attempts, **event}
         unit.events.append(event)
-        if self.path is None:
-            return
-        with contextlib.suppress(OSError):  # no live line then; the result keeps the event
-            if self.fd is None:  # private, and never another's file of that name (O_EXCL, no symlink)
-                self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW,
-                                  0o600)
-            os.write(self.fd, (json.dumps(event, default=str) + "\n").encode())
+        if len(unit.events) > MAX_EVENTS:  # the first ones and the latest ones stay
+            del unit.events[KEPT_FIRST]
+            unit.dropped += 1
+        if self.fd is not None:
+            with contextlib.suppress(OSError):  # no live line then; the result keeps the event
+                os.write(self.fd, (json.dumps(event, default=str) + "\n").encode())
 
     def result(self) -> dict:
         """The module result's `progress`, when a statement was reported on."""
@@ -296,11 +331,13 @@ class Progress:
             self.monitor = None
 
     def close(self) -> None:
-        """At the module's end, and in the watchdog's exit: the file goes (the action plugin then stops)."""
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-        if not self.busy:  # else the process's exit closes it
-            self.close_monitor()
+        """At the module's end, and in the watchdog's exit: the file goes (the action plugin then stops), and
+        no event is written after. The progress connection ends with the process."""
+        with self.lock:
+            self.closed = True
+            if self.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+                with contextlib.suppress(OSError):
+                    os.close(self.fd)
+                self.fd = None

@@ -4,6 +4,7 @@ disk, and never leaves a lock behind when the controller goes away."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shlex
 import signal
@@ -35,6 +36,12 @@ from conftest import (
 APP = "stock-monitoring-db"
 # The interrupt tests stop a deploy while its progress is being printed.
 WITH_PROGRESS = {"stock_monitoring_db_progress_interval": 1}
+def progress_files() -> set[str]:
+    """The progress files on this host (local and SSH runs share /tmp): one left behind is a module that never
+    reached its cleanup."""
+    return set(glob.glob("/tmp/pg_migrate-progress-*"))
+
+
 PROGRESS_SHOWN = r"^progress: \[.* s: running, waiting on Timeout:PgSleep$"
 
 
@@ -114,6 +121,7 @@ def test_stopping_the_controller_cancels_the_migration_and_frees_the_table(tmp_p
     db.create()
     assert play(tmp_path, db).rc == 0
     env_file = tmp_path / ".env"
+    files = progress_files()
     live = Live(start_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=LOCAL, extra_vars=WITH_PROGRESS | {
         "stock_monitoring_db_migrations_dir": str(write_migrations(tmp_path / "m", SLOW, with_real=True))},
         env={"STOCK_MONITORING_DB_ENV_FILE": str(env_file)}))
@@ -128,6 +136,7 @@ def test_stopping_the_controller_cancels_the_migration_and_frees_the_table(tmp_p
     conn.cursor().execute("SET lock_timeout = '2s'; SELECT count(*) FROM stock_monitoring.alerts")
     conn.close()
     assert [r[0] for r in db.history()] == [22, 23] and "slow" not in db.tables()
+    assert progress_files() == files
 
 
 @pytest.mark.parametrize("how", ["Ctrl-C", "the SSH connection dropped"])
@@ -138,6 +147,7 @@ def test_over_ssh_losing_the_controller_cancels_the_migration_and_frees_the_tabl
     ssh_host.write_env(env_text(db))
     first = run_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=ssh_host.inventory)
     assert first.rc == 0, first.output
+    files = progress_files()
     live = Live(start_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=ssh_host.inventory,
                                extra_vars=WITH_PROGRESS | {"stock_monitoring_db_migrations_dir": str(
                                    write_migrations(tmp_path / "m", SLOW, with_real=True))}))
@@ -152,6 +162,7 @@ def test_over_ssh_losing_the_controller_cancels_the_migration_and_frees_the_tabl
     wait_for(lambda: not running_slow(db), "the migration's session to end", 10)
     assert time.monotonic() - stopped < 5
     assert [r[0] for r in db.history()] == [22, 23] and "slow" not in db.tables()
+    wait_for(lambda: progress_files() == files, "the module over SSH to remove its progress file", 10)
 
 
 def module_process(root: int) -> int:
@@ -180,6 +191,7 @@ def test_a_signal_to_the_module_itself_ends_the_statement_and_frees_the_table(tm
     cannot act, so the server notices its client is gone (client_connection_check_interval) and ends it."""
     db.create()
     assert play(tmp_path, db).rc == 0
+    files = progress_files()
     live = Live(start_playbook(ROOT / "playbooks" / "deploy-db.yml", inventory=LOCAL, extra_vars=WITH_PROGRESS | {
         "stock_monitoring_db_migrations_dir": str(write_migrations(tmp_path / "m", SLOW, with_real=True))},
         env={"STOCK_MONITORING_DB_ENV_FILE": str(tmp_path / ".env")}))
@@ -191,6 +203,10 @@ def test_a_signal_to_the_module_itself_ends_the_statement_and_frees_the_table(tm
     assert time.monotonic() - stopped < 5
     res = live.finish(60)
     assert res.rc != 0 and [r[0] for r in db.history()] == [22, 23]
+    left = progress_files() - files  # SIGKILL leaves the file: the module cannot act
+    assert len(left) == (signum == signal.SIGKILL), left
+    for path in left:
+        os.unlink(path)
     conn = db.connect()
     conn.cursor().execute("SET lock_timeout = '2s'; SELECT count(*) FROM stock_monitoring.alerts")
     conn.close()

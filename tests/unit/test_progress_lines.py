@@ -34,6 +34,9 @@ def test_an_index_build_reports_its_phase_and_the_share_of_the_phase_done():
     assert loading["text"].endswith("loading tuples in tree, 50.6% (4,556,237 of 9,000,000 tuples)")
     assert progress.describe(create_index("building index: sorting live tuples", blocks_total=75000,
                                           blocks_done=75000))["text"].endswith("sorting live tuples")
+    # A GIN, GiST, hash or BRIN build names no sub-phase: its blocks.
+    assert progress.describe(create_index("building index", blocks_total=8, blocks_done=2))["text"].endswith(
+        "building index, 25% (2 of 8 blocks)")
 
 
 def test_a_concurrent_build_waiting_for_older_transactions_names_them():
@@ -57,6 +60,9 @@ def test_a_lock_wait_names_the_lock_and_each_blocking_session():
     assert found["waiting_for"]["relation"] == "s.alerts" and [b["pid"] for b in found["blockers"]] == [7, 9]
     rows = {"wait_event_type": "Lock", "wait_event": "transactionid", "waiting": {"locktype": "transactionid"}}
     assert progress.describe(rows)["text"] == "waiting for a row lock (another transaction's rows)"
+    uncommitted = {**row, "waiting": {**row["waiting"], "relation": "16423"}, "blockers": []}
+    assert progress.describe(uncommitted)["text"] == (
+        "waiting for AccessExclusiveLock on a table created in this transaction (oid 16423)")
 
 
 def test_many_blocking_sessions_are_counted_past_the_first_five():
@@ -96,13 +102,32 @@ def test_a_transactional_file_names_the_one_statement_that_fits_what_the_server_
     assert plugin.where_running(TWO, {}, lock) == {"line": 5, "sql": "CREATE INDEX n_note ON s.notifications (note)"}
     build = {"statement": None, "command": "CREATE INDEX", "relation": "s.alerts"}
     assert plugin.where_running(TWO, {}, build)["line"] == 4
-    assert plugin.fits_command("CREATE INDEX", ["ALTER", "TABLE"], {"primary", "key"})  # ADD PRIMARY KEY builds one
+    assert plugin.fits({"command": "CREATE INDEX"}, "t", ["ALTER", "TABLE"], {"t", "primary", "key"})  # ADD PRIMARY KEY
     # Two statements on alerts fit a lock wait on it, and nothing fits a wait event: the lines, not a guess.
     assert plugin.where_running(TWO, {}, {"statement": None, "waiting_for": {"relation": "s.alerts"}}) == {
         "line": None, "lines": [2, 4], "sql": None}
     assert plugin.where_running(TWO, {}, {"statement": None, "wait_event": "IO:DataFileRead"})["lines"] == [2, 4, 5]
     assert plugin.where_running("\ufeffSELECT pg_sleep(9);", {}, {"statement": None}) == {
         "line": 1, "sql": "SELECT pg_sleep(9)"}
+
+
+@pytest.mark.parametrize(("text", "event", "lines"), [
+    # A CREATE TABLE is no index build; the DO block may be one (EXECUTE), and is the only one that may.
+    ("CREATE TABLE s.t (x int);\nDO $$ BEGIN EXECUTE 'CREATE INDEX ON s.t (x)'; END $$;\n",
+     {"command": "CREATE INDEX", "relation": "s.t"}, 2),
+    # Beside a statement on that table, a DO block may be the one waiting too.
+    ("ALTER TABLE s.t ADD COLUMN y int;\nDO $$ BEGIN PERFORM 1; END $$;\n", {"waiting_for": {"relation": "s.t"}},
+     None),
+    ("CREATE TABLE s.t (x int);\nCREATE INDEX ON s.t (x);\n", {"command": "CREATE INDEX", "relation": "s.t"}, 2),
+    # DROP INDEX locks a table it does not name.
+    ("UPDATE s.a SET x = 1 FROM s.t;\nDROP INDEX s.t_idx;\n", {"waiting_for": {"relation": "s.t"}}, None),
+    # A table this transaction created has no name another session can read: nothing to match.
+    ("CREATE TABLE s.t (x int);\nCREATE INDEX ON s.t (x);\n", {"command": "CREATE INDEX", "relation": "16423"},
+     None),
+], ids=["DO block", "DO block beside", "CREATE TABLE", "DROP INDEX", "uncommitted table"])
+def test_a_statement_that_may_be_the_one_running_is_never_passed_over_for_a_guess(text, event, lines):
+    found = plugin.where_running(text, {}, {"statement": None, **event})
+    assert found["line"] == lines and (lines or len(found["lines"]) == 2)
 
 
 def test_the_statement_shown_is_its_first_words_on_one_line():
@@ -136,31 +161,77 @@ def poll(tmp_path, offset: int = 0, seen: int = 0) -> str:
 def test_the_poll_on_the_host_returns_what_was_added_and_says_when_the_module_is_gone(tmp_path):
     path = tmp_path / "pg_migrate-progress-t0k.jsonl"
     assert poll(tmp_path) == ""  # not there yet: waits a little, then returns nothing
+    path.write_text("")
+    assert poll(tmp_path) == "here\n"  # the first migration started
     path.write_text('{"seq": 1}\n{"seq": 2}\n')
-    assert poll(tmp_path) == '{"seq": 1}\n{"seq": 2}\n'
-    assert poll(tmp_path, offset=11) == '{"seq": 2}\n'
+    assert poll(tmp_path, offset=11, seen=1) == '{"seq": 2}\n'
     assert poll(tmp_path, offset=22, seen=1) == ""  # nothing new
     path.unlink()
     assert poll(tmp_path, offset=22, seen=1) == "gone\n"
 
 
-def test_the_progress_file_is_private_never_another_one_and_goes_at_the_end(tmp_path, monkeypatch):
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    unit = progress.Unit("024_x.sql", None, 1)
-    mine = progress.Progress(None, 5, "abc")
-    mine.emit(unit, {"text": "running"})
+def test_the_poll_reads_no_link_and_no_file_of_another_user(tmp_path):
+    mine = tmp_path / "mine"
+    mine.write_text('{"seq": 1}\n')
+    (tmp_path / "pg_migrate-progress-t0k.jsonl").symlink_to(mine)
+    assert poll(tmp_path) == "" and poll(tmp_path, seen=1) == "gone\n"
+    (tmp_path / "pg_migrate-progress-t0k.jsonl").unlink()
+    theirs = tmp_path / "pg_migrate-progress-t0k.jsonl"
+    theirs.write_text('{"seq": 1}\n')
+    os.chown(theirs, 65534, 65534)  # nobody's
+    assert poll(tmp_path) == ""
+
+
+def test_the_progress_file_is_private_never_another_one_and_goes_at_the_end(tmp_path):
     path = tmp_path / "pg_migrate-progress-abc.jsonl"
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and '"text": "running"' in path.read_text()
+    mine = progress.Progress(None, 5, str(path))
+    mine.begin("024_x.sql", None, 1)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == ""
+    with mine.lock:
+        mine.emit(mine.unit, {"text": "running"})
+    assert '"text": "running"' in path.read_text()
     mine.close()
-    assert not path.exists() and unit.events[0]["seq"] == 1
-    # A file (or a link) already at that name is never written to: the event stays in the result only.
+    with mine.lock:
+        mine.emit(mine.unit, {"text": "after the end"})  # the watchdog's exit: nothing written, nothing kept
+    assert not path.exists() and [e["seq"] for e in mine.unit.events] == [1]
+    # A file (or a link) already at that name is never written to: the events stay in the result only.
     (tmp_path / "elsewhere").write_text("")
     (tmp_path / "pg_migrate-progress-xyz.jsonl").symlink_to(tmp_path / "elsewhere")
-    theirs = progress.Progress(None, 5, "xyz")
-    theirs.emit(unit, {"text": "running"})
-    assert (tmp_path / "elsewhere").read_text() == "" and len(unit.events) == 2 and theirs.fd is None
+    theirs = progress.Progress(None, 5, str(tmp_path / "pg_migrate-progress-xyz.jsonl"))
+    theirs.begin("024_x.sql", None, 1)
+    with theirs.lock:
+        theirs.emit(theirs.unit, {"text": "running"})
+    assert (tmp_path / "elsewhere").read_text() == "" and theirs.fd is None and len(theirs.unit.events) == 1
     theirs.close()
     assert (tmp_path / "pg_migrate-progress-xyz.jsonl").is_symlink()
+
+
+def test_a_statement_as_long_as_the_interval_is_in_the_result_even_before_its_first_answer(tmp_path):
+    """The first answer may come late (a connection to make): the statement's duration decides."""
+    run = progress.Progress(None, 1, None)
+    run.begin("024_x.sql", 0, 1)
+    run.unit.started -= 1.5
+    run.end(ok=True)
+    run.begin("025_y.sql", 0, 1)  # short: not in the result
+    run.end(ok=True)
+    (entry,) = run.result()["progress"]
+    assert entry["migration"] == "024_x.sql" and entry["duration_ms"] >= 1500 and entry["events"][-1]["finished"]
+
+
+def test_a_block_is_named_by_its_first_statement_and_a_long_one_keeps_its_first_and_latest_events():
+    run = progress.Progress(None, 1, None)
+    run.begin("024_x.sql", 3, 1)
+    run.at(statement=5)  # the block's third statement runs now
+    with run.lock:
+        for n in range(progress.MAX_EVENTS + 10):
+            run.emit(run.unit, {"text": f"event {n}"})
+    assert run.unit.events[-1]["statement"] == 5
+    run.end(ok=False)
+    (entry,) = run.statements
+    assert entry["statement"] == 3 and entry["events"][-1]["statement"] == 3 and entry["events_left_out"] == 11
+    texts = [e["text"] for e in entry["events"]]
+    assert len(texts) == progress.MAX_EVENTS and texts[0] == "event 0" and texts[-2] == f"event {progress.MAX_EVENTS + 9}"
+    assert texts[-1] == "failed after 0.0 s"
 
 
 def test_a_long_statement_is_in_the_report_and_its_summary():
