@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import re
+import statistics
 import threading
 import time
 from itertools import pairwise
@@ -64,8 +65,9 @@ def test_a_long_index_build_shows_its_phase_and_a_rising_percentage_while_it_run
     percents = [float(p) for _, m in shown for p in re.findall(r"([\d.]+)% \(", m["text"])]
     assert len(percents) >= 2 and any(b > a for a, b in pairwise(percents)), res.output
     assert any("building index: scanning table" in m["text"] and "blocks)" in m["text"] for _, m in shown)
-    # Printed live, about every interval, not at the task's end.
-    assert ended - shown[0][0] > 4 and max(b[0] - a[0] for a, b in pairwise(shown)) < 2 + 1.5, res.output
+    # Printed live, about every interval (2 s), not at the task's end.
+    gaps = [b[0] - a[0] for a, b in pairwise(shown)]
+    assert ended - shown[0][0] > 4 and statistics.median(gaps) < 2.75 and max(gaps) < 5, (gaps, res.output)
     (build,) = statements(tmp_path / "report.json")
     assert build["duration_ms"] > 10_000 and build["ok"] and build["line"] == 2 and build["statement"] == 0
     events = [e for e in build["events"] if not e.get("finished")]
