@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -271,17 +272,18 @@ def run_once(stmt: str) -> str | None:
 
 # Progress: the module appends an event as a JSON line to ${TMPDIR:-/tmp}/pg_migrate-progress-TOKEN.jsonl on
 # the host while a statement runs longer than progress_interval (see module_utils/pg_migrate_progress.py);
-# it makes the file when its first migration starts, and removes it when it ends. This command waits on
+# it makes the file when it starts, and removes it when it ends. This command waits on
 # the host, up to `ticks` fifths of a second, until the file is there ("here", then what it holds) or has
 # grown past `offset` bytes (what was added), and says "gone" once the file it saw is removed. It reads
 # only a file that is not a link and is its user's (the module never writes to another's: O_EXCL).
-POLL = ('f="${{TMPDIR:-/tmp}}/pg_migrate-progress-{token}.jsonl"; t=0; while :; do '
+# Its errors are dropped: over SSH with a terminal they would come with the output.
+POLL = ('exec 2>/dev/null; f="${{TMPDIR:-/tmp}}/pg_migrate-progress-{token}.jsonl"; t=0; while :; do '
         'if [ -f "$f" ] && [ ! -h "$f" ] && [ -O "$f" ]; then '
         '[ {seen} = 0 ] && {{ echo here; break; }}; [ "$(wc -c < "$f")" -gt {offset} ] && break; '
         'elif [ {seen} = 1 ]; then echo gone; exit 0; fi; '
         '[ $t -ge {ticks} ] && exit 0; sleep 0.2 2>/dev/null || sleep 1; t=$((t+1)); done; '
         'tail -c +{start} "$f"')
-# Before the file is there (connecting, waiting for the migration lock), one poll waits this long.
+# Before the file is there (the module starting on the host), one poll waits this long.
 FIRST_WAIT = 30
 # Connections whose commands may run beside the module's (checked for ansible-core 2.19): others get the
 # events in the result only.
@@ -313,6 +315,7 @@ def shown_sql(stmt: str) -> str:
     return shown if len(shown) <= SHOWN_SQL else shown[:SHOWN_SQL - 1].rstrip() + "…"
 
 
+@functools.lru_cache(maxsize=4096)
 def statement_words(stmt: str) -> tuple[list[str], set[str]]:
     """The first keywords (upper case) and the names a statement uses (lower case, unquoted)."""
     tokens = [t for t in pg_parser.scan(stmt) if t.name not in ("SQL_COMMENT", "C_COMMENT")]
@@ -339,6 +342,12 @@ def fits(event: dict, table: str, words: list[str], names: set[str]) -> bool:
     return first in COMMAND_WORDS.get(command, ())
 
 
+@functools.lru_cache(maxsize=16)
+def statements_of(text: str) -> tuple[list[slice], Lines]:
+    """A transactional file's statements and line table, read once however many events name it."""
+    return split(text)[0], Lines(text)
+
+
 def where_running(text: str, finding: dict, event: dict) -> dict:
     """The line and first words of the statement an event is about, from the file as read here.
 
@@ -350,8 +359,7 @@ def where_running(text: str, finding: dict, event: dict) -> dict:
     if finding.get("statements") is not None and event.get("statement") is not None:
         start, end, line, _once = finding["statements"][event["statement"]]
         return {"line": line, "sql": shown_sql(text[start:end])}
-    slices, _problem = split(text)
-    lines = Lines(text)
+    slices, lines = statements_of(text)
     if len(slices) == 1:
         return {"line": lines.at(slices[0].start), "sql": shown_sql(text[slices[0]])}
     relation = event.get("relation") or (event.get("waiting_for") or {}).get("relation")
@@ -433,37 +441,47 @@ class ProgressReader(threading.Thread):
                 self.seen, lines = True, lines[1:]
             offset += sum(len(line.encode()) + 1 for line in lines)
             for line in lines:
-                self.show(json.loads(line))
+                if line.startswith("{"):  # anything else is the shell's, not the module's
+                    self.show(json.loads(line))
 
     def show(self, event: dict) -> None:
         with self.lock:
             if self.finishing or event["seq"] in self.shown:
                 return
             self.shown.add(event["seq"])
-            display.display(progress_line(self.host, {**event, **self.where(event)}), color=C.COLOR_VERBOSE)
+            print_progress(progress_line(self.host, {**event, **self.where(event)}))
 
     def finish(self, result: dict) -> None:
         """After the module: stop reading (waiting briefly for a read under way, once the file was there),
-        print in order the events not shown live, and add to each event and statement of the result the
-        line and first words of its statement."""
+        then print in order the events not shown live (locate_progress has named their statements)."""
         self.stopped.set()
         if self.seen:
             self.join(2)
         with self.lock:
             self.finishing = True
-            try:
-                statements = [s for s in result.get("progress") or [] if isinstance(s, dict)]
-                for statement in statements:
-                    for event in statement.get("events", []):
-                        event.update(self.where(event))
-                        if event["seq"] not in self.shown:
-                            display.display(progress_line(self.host, event), color=C.COLOR_VERBOSE)
-                    # The statement is the one its events named, when they named one.
-                    located = [e for e in statement["events"] if e.get("line") is not None]
-                    statement.update({k: v for k, v in (located[-1] if located else self.where(statement)).items()
-                                      if k in ("line", "lines", "sql")})
-            except Exception as exc:  # never the reason a deploy fails: the result stays the module's
-                display.warning(f"pg_migrate: the progress of {self.host} could not be read back ({exc})")
+            for statement in result.get("progress") or []:
+                for event in statement.get("events", []) if isinstance(statement, dict) else []:
+                    if isinstance(event, dict) and event.get("seq") not in self.shown:
+                        print_progress(progress_line(self.host, event))
+
+
+def print_progress(line: str) -> None:
+    """A progress line, on standard error (as warnings are): standard output stays the callback's, which
+    may be JSON for a machine to read."""
+    display.display(line, color=C.COLOR_VERBOSE, stderr=True)
+
+
+def locate_progress(result: dict, where: Callable[[dict], dict]) -> None:
+    """Add to each event and statement of the result the line and first words of its statement; a statement
+    is the one its events named, when they named one."""
+    for statement in result.get("progress") or []:
+        if not isinstance(statement, dict) or not isinstance(statement.get("events"), list):
+            continue
+        for event in statement["events"]:
+            event.update(where(event))
+        located = [e for e in statement["events"] if e.get("line") is not None]
+        statement.update({k: v for k, v in (located[-1] if located else where(statement)).items()
+                          if k in ("line", "lines", "sql")})
 
 
 INTERNAL_OPTIONS = ("_findings", "_migrations_path", "_migrations_sha256", "_controller_pid", "_progress_token")
@@ -499,18 +517,29 @@ class ActionModule(ActionBase):
             args.update(migrations={}, _migrations_path=path, _migrations_sha256=hashlib.sha256(data).hexdigest())
         if self._connection.transport == "local":  # the module watches this process (see controller_chain)
             args["_controller_pid"] = os.getpid()
-        reader = self.progress_reader(args, findings, migrations, task_vars)
+        def where(event: dict) -> dict:
+            return where_running(migrations[event["migration"]], findings.get(event["migration"], {}), event)
+
+        try:
+            reader = self.progress_reader(args, where, task_vars)
+        except Exception as exc:  # progress never stops a deploy
+            display.warning(f"pg_migrate: progress is not shown live ({type(exc).__name__}: {exc})")
+            reader = None
         try:
             module_result = self._execute_module(module_name="pg_migrate", module_args=args, task_vars=task_vars)
         finally:
             if reader is not None:
                 reader.stopped.set()
-        if reader is not None:
-            reader.finish(module_result)
+        try:
+            locate_progress(module_result, where)
+            if reader is not None:
+                reader.finish(module_result)
+        except Exception as exc:  # the result stays the module's
+            display.warning(f"pg_migrate: the progress events could not be read back ({type(exc).__name__}: {exc})")
         result.update(module_result)
         return result
 
-    def progress_reader(self, args: dict, findings: dict, migrations: dict, task_vars: dict) -> ProgressReader | None:
+    def progress_reader(self, args: dict, where: Callable[[dict], dict], task_vars: dict) -> ProgressReader | None:
         """Started before a deploy, when progress_interval asks for it (the module refuses a bad value). A plan,
         a verify and a drop run no migration; a task with no_log shows nothing; a connection not checked
         here gets the events in the result only."""
@@ -523,10 +552,6 @@ class ActionModule(ActionBase):
                 resource_from_fqcr(self._connection.transport) not in LIVE_CONNECTIONS:
             return None
         args["_progress_token"] = secrets.token_hex(16)
-
-        def where(event: dict) -> dict:
-            return where_running(migrations[event["migration"]], findings.get(event["migration"], {}), event)
-
         reader = ProgressReader(self, task_vars.get("inventory_hostname", "?"), interval, args["_progress_token"],
                                 where)
         reader.start()

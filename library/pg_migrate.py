@@ -233,9 +233,11 @@ options:
         C(VACUUM FULL) from C(pg_stat_progress_cluster), C(VACUUM) and C(ANALYZE) from their views; a lock
         wait names the lock and each blocking session (C(pg_blocking_pids)), with the attempt under
         O(lock_retries); otherwise the session's C(wait_event).
-      - The action plugin prints each event on the controller while the module runs, at the default
-        verbosity, over SSH too; the events and the statement's duration are returned in RV(progress).
-      - V(0) turns it off. Nothing is asked, and no connection or file is made, for a shorter statement.
+      - The action plugin prints each event on the controller while the module runs (on its standard error),
+        at the default verbosity, locally and over SSH; not in check mode, with O(verify), with C(no_log),
+        or over a connection other than C(local), C(ssh), C(paramiko_ssh) and C(docker). The events and the
+        statement's duration are returned in RV(progress) in every case.
+      - V(0) turns it off. No query is made and no connection opened for a shorter statement.
     type: int
     default: 5
   source:
@@ -529,10 +531,12 @@ progress:
   contains:
     events:
       description:
-        - C(elapsed_s) since the statement started, C(attempt) of C(attempts), C(text) as printed, and the
-          view's facts; C(command), C(relation), C(phase), C(done) of C(total) C(unit) and C(percent);
-          C(waiting_for) and C(blockers) (pid, application_name, user, state, transaction_open_s);
-          or C(wait_event). The last is C(finished) with C(ok).
+        - C(seq), C(elapsed_s) since the statement started, C(attempt) of C(attempts), C(text) as printed,
+          C(line) and C(sql) (or C(lines)), and the view's facts; C(view), C(command), C(relation),
+          C(phase), C(done) of C(total) C(unit) and C(percent); C(waiting_for) and C(blockers) (pid,
+          application_name, user, state, transaction_open_s); between lock retries C(holders); or
+          C(wait_event). The last is C(finished) with C(ok).
+        - At most 720 a statement, the first 60 and the latest; C(events_left_out) counts the others.
       type: list
       elements: dict
   sample: [{migration: 024_alerts_symbol_index.sql, statement: 0, line: 3, duration_ms: 41210.5, ok: true,
@@ -794,6 +798,7 @@ def main() -> None:
     began = time.monotonic()
     db = Database(module.params, mode, module.warn)
     watch_controller(lambda: db.conn, module.params["_controller_pid"], db.watch_server, db.progress.close)
+    db.progress.start()
     ran = []
     try:
         if module.params["drop_schema"]:

@@ -11,8 +11,8 @@ holds it, from pg_blocking_pids; else its wait_event), once per interval. Each a
 - appended as a JSON line to a private file on the host, which the action plugin reads on the
   controller while the module runs and prints (see action_plugins/pg_migrate.py).
 
-Nothing of this runs, and no connection or file is made, for a statement shorter than the interval:
-a no-op deploy costs nothing more.
+No query is made and no connection opened for a statement shorter than the interval: a no-op deploy
+costs no more (the file is made when the module starts, and removed when it ends).
 """
 
 from __future__ import annotations
@@ -205,19 +205,24 @@ class Progress:
         self.statements: list[dict] = []  # the units that ran the interval or longer, for the result
         self.seq = 0
         self.monitor: psycopg2.extensions.connection | None = None
+        self.monitor_for: Unit | None = None  # the statement the progress connection was opened for
+        self.made = False  # the file exists (it goes at the end)
         self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Make the progress file when the module starts, so that the action plugin's polls end as soon as the
+        module does: private, and never another's file of that name (O_EXCL, no symlink followed)."""
+        if not self.interval or not self.path:
+            return
+        with self.lock, contextlib.suppress(OSError):  # no live lines then; the result keeps the events
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+            self.made = True
 
     def begin(self, migration: str, statement: int | None, attempts: int) -> None:
         if not self.interval:
             return
         with self.lock:
             self.unit = Unit(migration, statement, attempts, self.interval)
-            if self.path and self.fd is None and not self.closed:
-                with contextlib.suppress(OSError):  # no live lines then; the result keeps the events
-                    # Private, and never another's file of that name (O_EXCL, no symlink followed). Made when
-                    # the first migration starts, so that the action plugin knows its polls will end.
-                    self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW,
-                                      0o600)
         if self.thread is None:
             self.thread = threading.Thread(target=self.run, name="pg_migrate-progress", daemon=True)
             self.thread.start()
@@ -228,7 +233,8 @@ class Progress:
         if unit is not None:
             unit.statement = unit.statement if statement is None else statement
             if attempt is not None:
-                unit.attempt, unit.pausing = attempt, False
+                unit.pausing = False
+                unit.attempt = attempt
 
     def pause(self) -> None:
         """An attempt lost a race for a lock; the next one starts after the schedule's pause."""
@@ -257,31 +263,35 @@ class Progress:
         while True:
             time.sleep(0.25)
             unit = self.unit
+            if self.monitor is not None and self.monitor_for is not unit:
+                self.close_monitor()  # a pool's second server connection is kept for one long statement only
             if unit is None:
-                self.close_monitor()  # a pool's second server connection is not kept between statements
                 continue
             now = time.monotonic()
             if now < unit.next_due:
                 continue
             unit.next_due = now + self.interval
+            attempt = unit.attempt  # as the sample saw it
             try:
-                event = self.sample(unit)
+                event = {"attempt": attempt, **self.sample(unit)}
             except Exception as exc:  # progress never stops a deploy: say so and go on
                 self.close_monitor()
-                event = {"text": f"running (no progress from PostgreSQL: {type(exc).__name__}: {first_line(str(exc))})"}
+                event = {"attempt": attempt, "text": f"running (no progress from PostgreSQL: {type(exc).__name__}: "
+                                                     f"{first_line(str(exc))})"}
             with self.lock:
                 if self.unit is unit:  # not ended meanwhile
                     event["elapsed_s"] = round(now - unit.started, 1)
                     self.emit(unit, event)
 
     def sample(self, unit: Unit) -> dict:
-        if unit.pausing and unit.attempt < unit.attempts:
-            holders = self.read(HOLDERS, (self.db.server_pid, self.db.schema))["jsonb_agg"] or []
-            text = f"did not get its locks within the attempt's lock_timeout, pausing before attempt {unit.attempt + 1}"
-            return {"holders": holders,
-                    "text": text + (f"; holding locks in {self.db.schema}: {sessions_text(holders)}" if holders else "")}
         try:
-            row = self.read(ACTIVITY, (self.db.server_pid,))
+            if unit.pausing and unit.attempt < unit.attempts:
+                holders = self.read(unit, HOLDERS, (self.db.server_pid, self.db.schema))["jsonb_agg"] or []
+                text = (f"did not get its locks within the attempt's lock_timeout, pausing before attempt "
+                        f"{unit.attempt + 1}")
+                return {"holders": holders, "text": text + (
+                    f"; holding locks in {self.db.schema}: {sessions_text(holders)}" if holders else "")}
+            row = self.read(unit, ACTIVITY, (self.db.server_pid,))
         except (psycopg2.Error, Unanswered) as exc:
             self.close_monitor()
             return {"text": f"running (PostgreSQL's progress views could not be read: {first_line(str(exc))})"}
@@ -289,7 +299,7 @@ class Progress:
             return {"text": "running (the session is not in pg_stat_activity)"}
         return describe(row)
 
-    def read(self, query: str, args: tuple) -> dict:
+    def read(self, unit: Unit, query: str, args: tuple) -> dict:
         """One row of a query on a connection of its own to the same server (opened once per long statement),
         answered within ANSWER_WAIT seconds. Each query is read only and under short timeouts of its own
         transaction: nothing is left on the session, which a pooler may hand to the application next."""
@@ -297,6 +307,7 @@ class Progress:
         if self.monitor is None:
             wait = max(db.p["connect_timeout"], ANSWER_WAIT)
             self.monitor = db.side_connection(wait, f"{db.p['application_name']} progress"[:63])
+            self.monitor_for = unit
             if self.monitor is None:
                 raise Unanswered(f"no connection within {wait} s")
         row = db.ask_aside(self.monitor, ONE_QUERY + query, args, ANSWER_WAIT)
@@ -317,8 +328,14 @@ class Progress:
             del unit.events[KEPT_FIRST]
             unit.dropped += 1
         if self.fd is not None:
-            with contextlib.suppress(OSError):  # no live line then; the result keeps the event
-                os.write(self.fd, (json.dumps(event, default=str) + "\n").encode())
+            data = (json.dumps(event, default=str) + "\n").encode()
+            try:
+                written = os.write(self.fd, data)
+            except OSError:
+                written = -1
+            if written != len(data):  # a full disk: no more live lines (a half one would stop the reader)
+                os.close(self.fd)
+                self.fd = None
 
     def result(self) -> dict:
         """The module result's `progress`, when a statement was reported on."""
@@ -335,9 +352,10 @@ class Progress:
         no event is written after. The progress connection ends with the process."""
         with self.lock:
             self.closed = True
-            if self.fd is not None:
+            if self.made:
                 with contextlib.suppress(OSError):
                     os.unlink(self.path)
+            if self.fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(self.fd)
                 self.fd = None

@@ -670,10 +670,11 @@ execution, and the controller reads the plan file.
 {progress}
 
 Each deploy with progress on (the default, every 5 s) is timed against the same deploy with
-`stock_monitoring_db_progress_interval: 0`, alternating, on a database of its own. Nothing of progress
-runs for a statement shorter than the interval; during the 12 s statement the module asks PostgreSQL
-once every 5 s on a second connection, and the action plugin reads the host's progress file about as
-often.
+`stock_monitoring_db_progress_interval: 0`, alternating, on a database of its own. For a statement
+shorter than the interval no progress query is made and no connection opened (the module makes its
+progress file when it starts and removes it when it ends); during the 12 s statement the module asks
+PostgreSQL once every 5 s on a second connection, and the action plugin reads the host's progress file
+about as often.
 
 ## Big files (`BENCH=big`)
 

@@ -185,8 +185,9 @@ def test_the_poll_reads_no_link_and_no_file_of_another_user(tmp_path):
 def test_the_progress_file_is_private_never_another_one_and_goes_at_the_end(tmp_path):
     path = tmp_path / "pg_migrate-progress-abc.jsonl"
     mine = progress.Progress(None, 5, str(path))
-    mine.begin("024_x.sql", None, 1)
+    mine.start()  # when the module starts, before any statement
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == ""
+    mine.begin("024_x.sql", None, 1)
     with mine.lock:
         mine.emit(mine.unit, {"text": "running"})
     assert '"text": "running"' in path.read_text()
@@ -198,6 +199,7 @@ def test_the_progress_file_is_private_never_another_one_and_goes_at_the_end(tmp_
     (tmp_path / "elsewhere").write_text("")
     (tmp_path / "pg_migrate-progress-xyz.jsonl").symlink_to(tmp_path / "elsewhere")
     theirs = progress.Progress(None, 5, str(tmp_path / "pg_migrate-progress-xyz.jsonl"))
+    theirs.start()
     theirs.begin("024_x.sql", None, 1)
     with theirs.lock:
         theirs.emit(theirs.unit, {"text": "running"})
@@ -232,6 +234,30 @@ def test_a_block_is_named_by_its_first_statement_and_a_long_one_keeps_its_first_
     texts = [e["text"] for e in entry["events"]]
     assert len(texts) == progress.MAX_EVENTS and texts[0] == "event 0" and texts[-2] == f"event {progress.MAX_EVENTS + 9}"
     assert texts[-1] == "failed after 0.0 s"
+
+
+def test_the_result_names_each_statement_with_or_without_a_reader():
+    """locate_progress runs whether or not the lines were shown live (no_log, another connection)."""
+    text = "ALTER TABLE s.alerts ADD COLUMN a int;\nALTER TABLE s.notifications ADD COLUMN a int;\n"
+    result = {"progress": [{"migration": "024_x.sql", "statement": None, "events": [
+        {"seq": 1, "statement": None, "waiting_for": {"relation": "s.notifications"}},
+        {"seq": 2, "statement": None, "finished": True}]}]}
+    plugin.locate_progress(result, lambda event: plugin.where_running(text, {}, event))
+    (statement,) = result["progress"]
+    assert statement["line"] == 2 and statement["events"][0]["line"] == 2 and statement["events"][1]["lines"] == [1, 2]
+    unnamed = outcome({"progress": [{"migration": "024_x.sql", "duration_ms": 12000, "events": []}], "login": {}},
+                      "web1", "s", "deploy")
+    assert "long statement: 024_x.sql, 12.0 s" in unnamed["summary"]
+
+
+def test_the_poll_leaves_out_the_shells_own_words(tmp_path):
+    """Over SSH with a terminal, standard error comes with the output: the poll sends none."""
+    (tmp_path / "pg_migrate-progress-t0k.jsonl").write_text('{"seq": 1}\n')
+    command = plugin.POLL.format(token="t0k", offset=0, start=1, seen=1, ticks=1)
+    # A file removed between the poll's test and its read is the same case as this missing one.
+    out = subprocess.run(["/bin/sh", "-c", command + '; tail -c +1 "$f.removed"'], capture_output=True, text=True,
+                         env={"TMPDIR": str(tmp_path), "PATH": os.environ["PATH"]})
+    assert out.stdout == '{"seq": 1}\n' and out.stderr == ""
 
 
 def test_a_long_statement_is_in_the_report_and_its_summary():

@@ -141,13 +141,15 @@ def summary(report: dict, result: dict, planning: bool, diff: bool, psycopg2_pac
 def long_statement(statement: dict) -> str:
     """A statement that ran longer than progress_interval: where, how long, and the last thing PostgreSQL said."""
     if statement.get("line") is not None:
-        where = f"line {statement['line']} ({statement['sql']})"
+        where = f" line {statement['line']} ({statement['sql']})"
+    elif statement.get("lines"):
+        where = " lines " + ", ".join(map(str, statement["lines"][:6]))
     else:
-        where = "lines " + ", ".join(map(str, (statement.get("lines") or [])[:6]))
+        where = ""
     said = [e["text"] for e in statement.get("events", []) if not e.get("finished")]
     last = f"; last seen: {said[-1]}" if said else ""
     outcome = "" if statement.get("ok", True) else ", failed"
-    return f"{statement['migration']} {where}, {statement['duration_ms'] / 1000:.1f} s{outcome}{last}"
+    return f"{statement['migration']}{where}, {statement['duration_ms'] / 1000:.1f} s{outcome}{last}"
 
 
 def plan_lines(report: dict) -> list[str]:
