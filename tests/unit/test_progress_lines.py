@@ -122,8 +122,8 @@ def test_a_transactional_file_names_the_one_statement_that_fits_what_the_server_
     # DROP INDEX locks a table it does not name.
     ("UPDATE s.a SET x = 1 FROM s.t;\nDROP INDEX s.t_idx;\n", {"waiting_for": {"relation": "s.t"}}, None),
     # A table this transaction created has no name another session can read: nothing to match.
-    ("CREATE TABLE s.t (x int);\nCREATE INDEX ON s.t (x);\n", {"command": "CREATE INDEX", "relation": "16423"},
-     None),
+    ("CREATE TABLE s.t (x int);\nCREATE INDEX ON s.t (x) WHERE x <> 16423;\n",
+     {"command": "CREATE INDEX", "relation": "16423"}, None),
 ], ids=["DO block", "DO block beside", "CREATE TABLE", "DROP INDEX", "uncommitted table"])
 def test_a_statement_that_may_be_the_one_running_is_never_passed_over_for_a_guess(text, event, lines):
     found = plugin.where_running(text, {}, {"statement": None, **event})
@@ -206,6 +206,16 @@ def test_the_progress_file_is_private_never_another_one_and_goes_at_the_end(tmp_
     assert (tmp_path / "elsewhere").read_text() == "" and theirs.fd is None and len(theirs.unit.events) == 1
     theirs.close()
     assert (tmp_path / "pg_migrate-progress-xyz.jsonl").is_symlink()
+    planted = tmp_path / "pg_migrate-progress-old.jsonl"  # a plain file, there before the module started
+    planted.write_text("")
+    planted.chmod(0o666)
+    other = progress.Progress(None, 5, str(planted))
+    other.start()
+    other.begin("024_x.sql", None, 1)
+    with other.lock:
+        other.emit(other.unit, {"text": "running"})
+    other.close()
+    assert planted.exists() and planted.read_text() == "" and other.fd is None
 
 
 def test_a_statement_as_long_as_the_interval_is_in_the_result_even_before_its_first_answer(tmp_path):
