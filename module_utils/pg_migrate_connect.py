@@ -299,12 +299,12 @@ class Database:
         with conn.cursor() as cur:
             # One round trip when the session is the server's own (no pooler): the usual case. There the
             # startup options set the timeouts, unless a pooler refused them before: then by SQL.
-            cur.execute("SELECT pg_backend_pid() = %(pid)s, CASE WHEN pg_backend_pid() = %(pid)s AND %(set)s "
-                        "THEN concat(" + TIMEOUTS + ") END, pg_backend_pid()",
+            cur.execute("SELECT pg_backend_pid(), CASE WHEN pg_backend_pid() = %(pid)s AND %(set)s "
+                        "THEN concat(" + TIMEOUTS + ") END",
                         {"pid": conn.info.backend_pid, "set": not read_only and not self.startup_options,
                          **self.timeouts()})
-            own, _, self.server_pid = cur.fetchone()
-            if own or self.verify:
+            self.server_pid = cur.fetchone()[0]
+            if self.server_pid == conn.info.backend_pid or self.verify:
                 return
             if shares_server(conn, probe):
                 raise self.shared_session()
@@ -356,7 +356,7 @@ class Database:
         return None
 
     @staticmethod
-    def ask_aside(conn: psycopg2.extensions.connection, query: str, args: tuple,
+    def ask_aside(conn: psycopg2.extensions.connection, query: str, args: tuple | dict,
                   wait: float) -> dict | None:
         """One row of a query on a side connection, by column name, or None when no answer came in `wait`
         seconds ({} for no row)."""

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from ansible.module_utils.pg_migrate_connect import Database
 from ansible.module_utils.pg_migrate_plan import Attempt, MigrationError, option
+
+if TYPE_CHECKING:  # the driver imports the progress, which asks SCHEMA_LOCKS: no import at run time
+    from ansible.module_utils.pg_migrate_connect import Database
 
 T = TypeVar("T")
 
@@ -72,16 +74,22 @@ def catalog_lock_holders(db: Database) -> str:
                      for pid, user, app, state, mode in rows) or "the holder has just released it"
 
 
+# Each lock that a session other than `ours` (by default the one asking) holds on a table of the managed
+# schema in this database, of one `mode` when given, by pid then table: for the failure messages, and for
+# the progress lines between two lock retries (asked on another connection, see pg_migrate_progress).
+SCHEMA_LOCKS = (
+    'SELECT DISTINCT a.pid, a.usename AS "user", a.application_name, a.state, l.mode, c.relname AS relation, '
+    "round(extract(epoch FROM now() - a.xact_start)) AS transaction_open_s "
+    "FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.granted AND l.pid <> coalesce(%(ours)s, pg_backend_pid()) "
+    "AND n.nspname = %(schema)s AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    "AND (%(mode)s::text IS NULL OR l.mode = %(mode)s) ORDER BY 1, 6")
+
+
 def schema_locks(db: Database, mode: str | None = None) -> list[tuple]:
-    """(pid, user, application, state, mode, table, seconds its transaction is open) of each lock that
-    another session holds on a table of the managed schema in this database; of one `mode` only."""
-    return db.query(
-        "SELECT DISTINCT a.pid, a.usename, a.application_name, a.state, l.mode, c.relname, "
-        "coalesce(round(extract(epoch FROM now() - a.xact_start))::text, '?') "
-        "FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.granted AND l.pid <> pg_backend_pid() "
-        "AND n.nspname = %s AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-        "AND (%s::text IS NULL OR l.mode = %s) ORDER BY 1, 6", (db.schema, mode, mode))
+    """(pid, user, application, state, mode, table, seconds its transaction is open or '?') of SCHEMA_LOCKS."""
+    return [(*row[:6], "?" if row[6] is None else f"{row[6]:.0f}")
+            for row in db.query(SCHEMA_LOCKS, {"ours": None, "schema": db.schema, "mode": mode})]
 
 
 def relation_lock_holders(db: Database) -> str:

@@ -24,6 +24,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from ansible.module_utils.pg_migrate_locks import SCHEMA_LOCKS
 from ansible.module_utils.pg_migrate_plan import first_line
 
 if TYPE_CHECKING:  # the driver holds its Progress: no import at run time
@@ -60,17 +61,8 @@ SELECT a.wait_event_type, a.wait_event,
 FROM pg_stat_activity a WHERE a.pid = %s
 """
 # Between two attempts under lock retries nothing waits, so pg_blocking_pids has nothing to say: the sessions
-# that hold locks on the managed schema's tables instead, the longest-open transaction first.
-HOLDERS = """
-SELECT jsonb_agg(h ORDER BY h.transaction_open_s DESC NULLS LAST, h.pid) FROM (
-  SELECT DISTINCT ON (a.pid) a.pid, a.application_name, a.usename AS user, a.state, l.mode,
-         n.nspname || '.' || c.relname AS relation, round(extract(epoch FROM now() - a.xact_start)) AS transaction_open_s
-    FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace
-    JOIN pg_stat_activity a ON a.pid = l.pid
-   WHERE l.granted AND l.pid <> %s AND n.nspname = %s
-     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-   ORDER BY a.pid, l.mode) h
-"""
+# that hold locks on the managed schema's tables instead (see longest_first).
+HOLDERS = f"SELECT jsonb_agg(to_jsonb(h) ORDER BY h.pid, h.relation) FROM ({SCHEMA_LOCKS}) h"
 # Before each progress query, in the same transaction: read only, and never waiting long.
 ONE_QUERY = "SET TRANSACTION READ ONLY; SET LOCAL statement_timeout = '5s'; SET LOCAL lock_timeout = '1s'; "
 # Seconds an answer to a progress query may take.
@@ -104,6 +96,15 @@ def blocker_text(b: dict) -> str:
     opened = b.get("transaction_open_s")
     transaction = f", transaction open {int(opened)} s" if opened is not None else ""
     return f"pid {b['pid']} (application {b.get('application_name') or ''!r}, {state}{held}{transaction})"
+
+
+def longest_first(locks: list[dict], schema: str) -> list[dict]:
+    """One lock a session (its first table), the longest-open transaction first."""
+    first: dict[int, dict] = {}
+    for lock in locks:
+        first.setdefault(lock["pid"], {**lock, "relation": f"{schema}.{lock['relation']}"})
+    return sorted(first.values(), key=lambda b: (b["transaction_open_s"] is None, -(b["transaction_open_s"] or 0),
+                                                 b["pid"]))
 
 
 def sessions_text(sessions: list[dict]) -> str:
@@ -286,7 +287,8 @@ class Progress:
     def sample(self, unit: Unit) -> dict:
         try:
             if unit.pausing and unit.attempt < unit.attempts:
-                holders = self.read(unit, HOLDERS, (self.db.server_pid, self.db.schema))["jsonb_agg"] or []
+                locks = self.read(unit, HOLDERS, {"ours": self.db.server_pid, "schema": self.db.schema, "mode": None})
+                holders = longest_first(locks["jsonb_agg"] or [], self.db.schema)
                 text = (f"did not get its locks within the attempt's lock_timeout, pausing before attempt "
                         f"{unit.attempt + 1}")
                 return {"holders": holders, "text": text + (
@@ -299,7 +301,7 @@ class Progress:
             return {"text": "running (the session is not in pg_stat_activity)"}
         return describe(row)
 
-    def read(self, unit: Unit, query: str, args: tuple) -> dict:
+    def read(self, unit: Unit, query: str, args: tuple | dict) -> dict:
         """One row of a query on a connection of its own to the same server (opened once per long statement),
         answered within ANSWER_WAIT seconds. Each query is read only and under short timeouts of its own
         transaction: nothing is left on the session, which a pooler may hand to the application next."""
